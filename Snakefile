@@ -1,0 +1,33 @@
+# GuGuGirls / maskface: masked face generation and masked face recognition.
+#   snakemake --cores all                                   # everything, default config.yaml
+#   snakemake --cores all --configfile config/lfw-local.yaml
+#   snakemake --cores all <target>                          # one stage: see `rule` names in workflow/rules/
+import glob
+import os
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+# Stops the run before any job, naming the offending key, and fills in every default of the schema.
+validate(config, schema="workflow/schemas/config.schema.yaml", set_default=True)
+
+
+include: "workflow/rules/common.smk"
+
+
+# Each stage's rules live in workflow/rules/<stage>.smk and register their final outputs in STAGE_TARGETS.
+for _smk in sorted(glob.glob(os.path.join(workflow.basedir, "workflow", "rules", "*.smk"))):
+    if os.path.basename(_smk) != "common.smk":
+
+        include: _smk
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets,

@@ -1,0 +1,58 @@
+# Shared helpers of the rules: dataset look-ups, input functions, code versions, stage target registry.
+import json
+from pathlib import Path
+
+from maskface.manifest import code_version
+
+RESULTS = "results"
+LOGS = f"{RESULTS}/logs"
+BENCH = f"{RESULTS}/benchmarks"
+
+DATASETS = sorted(config["datasets"])
+LFW_DATASETS = [d for d in DATASETS if config["datasets"][d]["format"] == "lfw"]
+TEST_DATASETS = [d for d in DATASETS if config["datasets"][d]["role"] == "test"]
+TRAIN_DATASETS = [d for d in DATASETS if config["datasets"][d]["role"] == "train"]
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    shard=r"\d+",
+
+
+# stage name -> list of target files (or a function of no argument returning them); filled by each .smk.
+STAGE_TARGETS = {}
+
+
+def all_targets(wildcards=None):
+    out = []
+    for stage in STAGE_TARGETS:
+        targets = STAGE_TARGETS[stage]
+        out.extend(targets() if callable(targets) else targets)
+    return out
+
+
+def dataset_cfg(dataset):
+    return config["datasets"][dataset]
+
+
+def dataset_json(dataset):
+    """The acquisition record of a dataset (absolute root, images_root, pairs path); see rule download."""
+    return f"{RESULTS}/datasets/{dataset}/dataset.json"
+
+
+def raw_manifest(dataset):
+    return f"{RESULTS}/manifests/{dataset}/raw.parquet"
+
+
+def pairs_manifest(dataset):
+    return f"{RESULTS}/manifests/{dataset}/pairs.parquet"
+
+
+def plain(value):
+    """A deep copy made of builtin types only, so Snakemake compares it for reruns (params must be plain)."""
+    return json.loads(json.dumps(value))
+
+
+def code(*modules):
+    """Digest of the stage's source modules: a param, so a code change reruns the stage."""
+    return code_version(*modules)
