@@ -1,0 +1,24 @@
+# Acquisition: a URL is downloaded (resumable, checksum-verified, atomic rename) and extracted safely under
+# resources/; a local archive is extracted there; a local folder is used in place (never copied).
+# The archive and the extracted folder are deliberately not declared outputs: Snakemake deletes declared
+# outputs before rerunning a job, which would throw away a half-done download instead of resuming it.
+
+
+rule download:
+    output:
+        json=f"{RESULTS}/datasets/{{dataset}}/dataset.json",
+    params:
+        cfg=lambda wc: plain(dataset_cfg(wc.dataset)),
+        retries=config["download"]["retries"],
+        timeout=config["download"]["timeout"],
+        code=code("download", "datasets"),
+    log:
+        f"{LOGS}/download/{{dataset}}.log",
+    benchmark:
+        f"{BENCH}/download/{{dataset}}.tsv"
+    resources:
+        mem_mb=1024,
+        runtime=240,
+    threads: 1
+    script:
+        "../scripts/download.py"
