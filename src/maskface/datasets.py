@@ -25,7 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .download import download, extract_archive, is_archive, is_url, verify_checksum
-from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
+from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, image_mode, load_rgb
 
 RAW_COLUMNS = ["image_id", "identity", "path", "bytes", "sha256", "width", "height", "mode", "status", "reason"]
 PAIRS_COLUMNS = ["fold", "a", "b", "same", "line"]
@@ -67,12 +67,17 @@ def find_images_root(root: Path, images_subdir: Optional[str] = None) -> Path:
         if not sub.is_dir():
             raise DatasetError(f"images_subdir {images_subdir!r} is not a folder under {root}")
         return sub.resolve()
+    def has_images(folder: str) -> bool:
+        return any(e.name.lower().endswith(tuple(IMAGE_EXTENSIONS)) for e in os.scandir(folder))
+
     cur = root
     for _ in range(8):
         entries = [e for e in os.scandir(cur) if not e.name.startswith(".")]
         dirs = [e for e in entries if e.is_dir(follow_symlinks=False)]
-        if len(dirs) == 1 and all(not e.name.lower().endswith(tuple(IMAGE_EXTENSIONS)) for e in entries):
-            # one folder beside no image: an archive's top folder (lfw-deepfunneled/) or root + protocol files
+        # Descend into a lone folder that holds no image itself (an archive's top folder such as
+        # lfw-deepfunneled/, or images_deepfunneled/ beside the protocol files); a lone folder holding
+        # images is an identity of a one-person dataset, not a wrapper.
+        if len(dirs) == 1 and not has_images(str(cur)) and not has_images(dirs[0].path):
             cur = Path(dirs[0].path)
             continue
         break
@@ -196,10 +201,7 @@ def inspect_file(path: str) -> dict:
         out.update(status="not_an_image", reason=f"extension {Path(path).suffix or '(none)'!r} is not an image type")
         return out
     try:
-        from PIL import Image
-        import io
-        with Image.open(io.BytesIO(data)) as im:
-            out["mode"] = im.mode
+        out["mode"] = image_mode(data)
         arr = load_rgb(data)
     except ImageDecodeError as exc:
         out.update(status=exc.status, reason=exc.reason)

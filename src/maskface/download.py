@@ -72,7 +72,7 @@ def verify_checksum(path: str | os.PathLike, md5: Optional[str] = None, sha256: 
 
 
 def download(url: str, dest: str | os.PathLike, *, md5: Optional[str] = None, sha256: Optional[str] = None,
-             retries: int = 5, timeout: float = 60.0, chunk_size: int = 1 << 20, progress: bool = True,
+             retries: int = 5, timeout: float = 60.0, chunk_size: int = 1 << 16, progress: bool = True,
              backoff: float = 1.0, session: Optional[requests.Session] = None,
              log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> Path:
     """Download ``url`` to ``dest`` (see the module docstring). Returns ``dest``.

@@ -60,6 +60,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def image_mode(src: PathOrBytes) -> str:
+    """The Pillow mode of the stored image (``RGB``, ``L``, ``CMYK``, ``I;16``...), header only."""
+    try:
+        with _open(src) as img:
+            return img.mode
+    except UnidentifiedImageError:
+        # Pillow's message holds the address of the buffer: keep reasons deterministic.
+        raise ImageDecodeError("not_an_image", "not an image: no known image format recognised") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError("unreadable", f"cannot open: {exc}") from None
+
+
 def load_rgb(src: PathOrBytes) -> np.ndarray:
     """Decode an image file (path or bytes) to an RGB ``uint8`` array (H, W, 3), EXIF orientation applied.
 
@@ -68,8 +80,9 @@ def load_rgb(src: PathOrBytes) -> np.ndarray:
     """
     try:
         img = _open(src)
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not_an_image", f"not an image: {exc}") from None
+    except UnidentifiedImageError:
+        # Pillow's message holds the address of the buffer: keep reasons deterministic.
+        raise ImageDecodeError("not_an_image", "not an image: no known image format recognised") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError("unreadable", f"cannot open: {exc}") from None
     try:
