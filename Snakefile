@@ -4,10 +4,20 @@
 #   snakemake --cores all <target>                          # one stage: see `rule` names in workflow/rules/
 import glob
 import os
+import sys
 
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
+
+# Jobs (and this file) use this checkout's package, installed or not, in any environment (--sdm conda too).
+_SRC = os.path.join(workflow.basedir, "src")
+sys.path.insert(0, _SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
+
+
+# For `--sdm conda`: every job runs in this environment (the default software deployment ignores it).
+conda: "envs/maskface.yaml"
 
 
 configfile: "config.yaml"
