@@ -27,6 +27,9 @@ configfile: "config.yaml"
 validate(config, schema="workflow/schemas/config.schema.yaml", set_default=True)
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 
 
