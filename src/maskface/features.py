@@ -1,0 +1,411 @@
+"""Feature extraction behind one interface: :class:`Embedder`, a registry, and two implementations.
+
+``dlib-resnet`` (:class:`DlibResnetEmbedder`)
+    dlib's face recognition ResNet (``dlib_face_recognition_resnet_model_v1.dat``, 128-d) as the reference
+    model that anchors the protocol. It is fed from its own 5-point alignment: dlib's 5-point shape predictor
+    runs inside the face rectangle, ``dlib.get_face_chip`` (150x150, padding 0.25) cuts the chip, the ResNet
+    computes the descriptor. The rectangle comes from our MTCNN detection (stage 1), converted to the box
+    convention dlib's predictor was trained on (its HOG detector's boxes: see :data:`MTCNN_TO_DLIB`); an image
+    without a detection gets a centred fallback box (:func:`center_box`), never a dropped pair.
+    Evaluation defaults: Euclidean distance, no mean subtraction (the descriptor is metric-learned for
+    Euclidean distance, threshold 0.6).
+
+``sphereface`` (:class:`SphereFaceEmbedder`)
+    A checkpoint of the training stage on the 112x96 aligned crops (never re-aligned: a reproduction trap).
+    Feature = concatenation (``flip="concat"``, default, as evaluation.m) or sum (``"sum"``) of the features
+    of the image and of its horizontal flip, or the image's alone (``"none"``). Batched, on CUDA when present.
+    Evaluation defaults: cosine with mean subtraction (evaluation.m).
+
+Checkpoint format (``maskface-embedder/1``), either of:
+
+1. ``torch.save`` of a dict (loaded with ``torch.load(weights_only=True)``: plain types and tensors only)::
+
+       {"format": "maskface-embedder/1",
+        "arch": "sphere20a",                 # a name registered with register_arch(), or "module:callable"
+        "arch_kwargs": {...},                # keyword arguments of the builder
+        "state_dict": model.state_dict(),    # loaded with strict=True
+        "input": {"height": 112, "width": 96,
+                  "channel_order": "RGB",    # order of the channels the network was trained on: RGB | BGR
+                  "mean": [127.5, 127.5, 127.5], "std": [128.0, 128.0, 128.0]},  # (pixel 0..255 - mean) / std,
+                                                                                   # per channel, in channel_order
+        "feature_dim": 512,                  # size of the network's output vector
+        "template": "sphereface_112x96",     # the alignment template the crops must come from
+        "eval": {"mean_subtraction": true, "metric": "cosine"},  # optional protocol settings
+        "meta": {...}}                       # optional: anything (training run, iteration, ...)
+
+2. a TorchScript archive (``torch.jit.save(scripted, path, _extra_files={"maskface.json": json.dumps(meta)})``)
+   whose ``maskface.json`` holds the same keys less ``arch``, ``arch_kwargs`` and ``state_dict``.
+
+:func:`save_checkpoint` writes form 1 and :func:`load_checkpoint` reads both. The network maps a float tensor
+(N, 3, height, width) to (N, feature_dim).
+
+Features Parquet (:func:`write_features` / :func:`features_frame`): one row per (``image_id``, ``variant``),
+``variant`` = ``clean`` | ``masked``; ``feature`` is a fixed-size list of float32 (128 for dlib, 1024 for
+SphereFace's concatenated 512 + 512, 512 with ``flip="sum"``); ``face`` says where the face came from
+(``mtcnn``, ``fallback_center``, ``aligned``). The embedder's name, settings and evaluation defaults are in
+the provenance record (``extra.embedder``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .evaluate import ProtocolSettings
+
+CHECKPOINT_FORMAT = "maskface-embedder/1"
+VARIANTS = ("clean", "masked")
+
+
+@dataclass
+class FaceInput:
+    """One face to embed: an RGB uint8 image and, for embedders working on source images, where the face is.
+
+    ``bbox``: (x1, y1, x2, y2) in MTCNN's convention, source coordinates, or None (no detection);
+    ``landmarks5``: 10 floats (left eye, right eye, nose, left mouth, right mouth as x, y) or None.
+    """
+    image: np.ndarray
+    bbox: Optional[Sequence[float]] = None
+    landmarks5: Optional[Sequence[float]] = None
+
+
+class Embedder(ABC):
+    """Maps faces to feature vectors.
+
+    ``input_kind`` is ``"source"`` (whole source image + MTCNN box / landmarks) or ``"aligned"`` (the aligned
+    crops of stage 1). ``eval_settings`` are the protocol settings this feature is meant to be scored with.
+    """
+    name: ClassVar[str] = ""
+    input_kind: ClassVar[str] = "source"
+    dim: int
+    eval_settings: ProtocolSettings
+
+    @abstractmethod
+    def embed(self, faces: Sequence[FaceInput]) -> np.ndarray:
+        """(len(faces), dim) float32."""
+
+    def face_source(self, face: FaceInput) -> str:
+        """How the face was located, for the ``face`` column."""
+        if self.input_kind == "aligned":
+            return "aligned"
+        return "mtcnn" if face.bbox is not None else "fallback_center"
+
+    def describe(self) -> dict:
+        """Name, settings and evaluation defaults (goes into the features' provenance)."""
+        return {"name": self.name, "input_kind": self.input_kind, "dim": self.dim,
+                "eval": self.eval_settings.to_dict()}
+
+
+EMBEDDERS: dict[str, type] = {}
+
+
+def register_embedder(cls):
+    EMBEDDERS[cls.name] = cls
+    return cls
+
+
+def make_embedder(name: str, **kwargs) -> Embedder:
+    if name not in EMBEDDERS:
+        raise KeyError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}")
+    return EMBEDDERS[name](**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ dlib
+
+# dlib's 5-point predictor was trained on the boxes of dlib's HOG detector, which are squarer and lower than
+# MTCNN's (MTCNN's include the forehead). Measured on 400 deep-funneled LFW images found by both, the HOG box
+# in units of the MTCNN box (x from its left edge / width, y from its top / height) is on average
+# x1 -0.096, y1 0.116, x2 1.042, y2 0.969. With the converted box the predictor's 5 points land within 0.8% of
+# the inter-ocular distance of those it gives on dlib's own box (1.5% with the raw MTCNN box), see the report.
+MTCNN_TO_DLIB = (-0.096, 0.116, 1.042, 0.969)
+
+
+def mtcnn_to_dlib_box(bbox: Sequence[float], mapping: Sequence[float] = MTCNN_TO_DLIB) -> tuple:
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    w, h = x2 - x1, y2 - y1
+    return (x1 + mapping[0] * w, y1 + mapping[1] * h, x1 + mapping[2] * w, y1 + mapping[3] * h)
+
+
+def center_box(height: int, width: int, frac_w: float = 0.37, frac_h: float = 0.49) -> tuple:
+    """An MTCNN-convention box centred in the image, for images without a detection. Default fractions: the
+    mean MTCNN face box of deep-funneled LFW (about 93 x 123 px in 250 x 250, centred)."""
+    cx, cy = width / 2.0, height / 2.0
+    w, h = frac_w * width, frac_h * height
+    return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+
+
+@register_embedder
+class DlibResnetEmbedder(Embedder):
+    name = "dlib-resnet"
+    input_kind = "source"
+
+    def __init__(self, num_jitters: int = 0, chip_size: int = 150, padding: float = 0.25,
+                 box_mapping: Optional[Sequence[float]] = MTCNN_TO_DLIB, batch_size: int = 64,
+                 eval_settings: Optional[Mapping[str, Any]] = None):
+        import dlib
+
+        from .resources import dlib_model_path
+
+        self._dlib = dlib
+        self.predictor = dlib.shape_predictor(str(dlib_model_path("shape_predictor_5")))
+        self.model = dlib.face_recognition_model_v1(str(dlib_model_path("face_recognition_resnet")))
+        self.num_jitters = int(num_jitters)
+        self.chip_size = int(chip_size)
+        self.padding = float(padding)
+        self.box_mapping = tuple(box_mapping) if box_mapping is not None else None
+        self.batch_size = int(batch_size)
+        self.dim = 128
+        self.eval_settings = ProtocolSettings.from_dict(
+            eval_settings or {"mean_subtraction": False, "metric": "euclidean"})
+
+    def rectangle(self, face: FaceInput):
+        h, w = face.image.shape[:2]
+        box = face.bbox if face.bbox is not None else center_box(h, w)
+        if self.box_mapping is not None:
+            box = mtcnn_to_dlib_box(box, self.box_mapping)
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        return self._dlib.rectangle(x1, y1, x2, y2)
+
+    def chip(self, face: FaceInput) -> np.ndarray:
+        """dlib's aligned 150x150 chip of the face (its own 5-point alignment inside the rectangle)."""
+        img = np.ascontiguousarray(face.image, dtype=np.uint8)
+        shape = self.predictor(img, self.rectangle(face))
+        return self._dlib.get_face_chip(img, shape, size=self.chip_size, padding=self.padding)
+
+    def embed(self, faces: Sequence[FaceInput]) -> np.ndarray:
+        out = np.zeros((len(faces), self.dim), dtype=np.float32)
+        for s in range(0, len(faces), self.batch_size):
+            chips = [self.chip(f) for f in faces[s:s + self.batch_size]]
+            if self.chip_size == 150:
+                desc = self.model.compute_face_descriptor(chips, self.num_jitters)
+            else:  # the network wants 150x150 chips
+                import cv2
+
+                chips = [cv2.resize(c, (150, 150), interpolation=cv2.INTER_LINEAR) for c in chips]
+                desc = self.model.compute_face_descriptor(chips, self.num_jitters)
+            out[s:s + len(chips)] = np.asarray([np.asarray(d) for d in desc], dtype=np.float32)
+        return out
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(num_jitters=self.num_jitters, chip_size=self.chip_size, padding=self.padding,
+                 box_mapping=list(self.box_mapping) if self.box_mapping else None,
+                 model="dlib_face_recognition_resnet_model_v1.dat", predictor="shape_predictor_5_face_landmarks.dat")
+        return d
+
+
+# ------------------------------------------------------------------------------------------ SphereFace
+
+ARCHITECTURES: dict[str, Callable[..., Any]] = {}
+
+
+def register_arch(name: str, builder: Optional[Callable[..., Any]] = None):
+    """Register a network builder under ``name`` (usable as a decorator). A checkpoint may also name
+    ``"module:callable"`` (the training stage writes ``"maskface.models:sphereface_net"``)."""
+    def deco(fn):
+        ARCHITECTURES[name] = fn
+        return fn
+    return deco(builder) if builder is not None else deco
+
+
+def resolve_arch(name: str) -> Callable[..., Any]:
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    if ":" in name:
+        mod, attr = name.split(":", 1)
+        obj = importlib.import_module(mod)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+    raise KeyError(f"unknown architecture {name!r}: register it with maskface.features.register_arch or name "
+                   f"it as 'module:callable'; registered: {sorted(ARCHITECTURES)}")
+
+
+_INPUT_DEFAULTS = {"height": 112, "width": 96, "channel_order": "RGB",
+                   "mean": [127.5, 127.5, 127.5], "std": [128.0, 128.0, 128.0]}
+
+
+def _check_meta(meta: Mapping[str, Any], where: str) -> dict:
+    meta = dict(meta)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{where}: not a {CHECKPOINT_FORMAT} checkpoint (format={meta.get('format')!r})")
+    inp = dict(_INPUT_DEFAULTS)
+    inp.update(meta.get("input") or {})
+    if inp["channel_order"] not in ("RGB", "BGR"):
+        raise ValueError(f"{where}: input.channel_order must be RGB or BGR, got {inp['channel_order']!r}")
+    for key in ("mean", "std"):
+        v = inp[key]
+        inp[key] = [float(v)] * 3 if isinstance(v, (int, float)) else [float(x) for x in v]
+        if len(inp[key]) != 3:
+            raise ValueError(f"{where}: input.{key} needs 3 values")
+    meta["input"] = inp
+    if "feature_dim" not in meta:
+        raise ValueError(f"{where}: feature_dim is missing")
+    return meta
+
+
+def save_checkpoint(path: str | os.PathLike, model, *, arch: str, arch_kwargs: Optional[Mapping] = None,
+                    feature_dim: int, input: Optional[Mapping[str, Any]] = None,
+                    template: str = "sphereface_112x96", eval: Optional[Mapping[str, Any]] = None,
+                    meta: Optional[Mapping[str, Any]] = None) -> None:
+    """Write a ``maskface-embedder/1`` state-dict checkpoint (form 1 of the module docstring)."""
+    import torch
+
+    inp = dict(_INPUT_DEFAULTS)
+    inp.update(input or {})
+    ckpt = {"format": CHECKPOINT_FORMAT, "arch": arch, "arch_kwargs": dict(arch_kwargs or {}),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "input": inp, "feature_dim": int(feature_dim), "template": template,
+            "eval": dict(eval or {"mean_subtraction": True, "metric": "cosine"}), "meta": dict(meta or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
+    """(network in eval mode on ``device``, metadata dict) from either checkpoint form."""
+    import torch
+
+    import warnings
+
+    path = str(path)
+    extra = {"maskface.json": ""}
+    try:
+        with warnings.catch_warnings():  # torch 2.9+ flags TorchScript as deprecated; it still loads
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(path, map_location=device, _extra_files=extra)
+    except (RuntimeError, ValueError):
+        net = None
+    if net is not None:
+        if not extra["maskface.json"]:
+            raise ValueError(f"{path}: TorchScript archive without maskface.json metadata")
+        meta = _check_meta(json.loads(extra["maskface.json"]), path)
+        return net.eval(), meta
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+    meta = _check_meta({k: v for k, v in ckpt.items() if k != "state_dict"}, path)
+    for key in ("arch", "state_dict"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: {key} is missing")
+    net = resolve_arch(ckpt["arch"])(**dict(ckpt.get("arch_kwargs") or {}))
+    net.load_state_dict(ckpt["state_dict"], strict=True)
+    return net.to(device).eval(), meta
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@register_embedder
+class SphereFaceEmbedder(Embedder):
+    name = "sphereface"
+    input_kind = "aligned"
+
+    def __init__(self, checkpoint: str | os.PathLike, flip: str = "concat", device: str = "auto",
+                 batch_size: int = 256, eval_settings: Optional[Mapping[str, Any]] = None):
+        if flip not in ("concat", "sum", "none"):
+            raise ValueError(f"flip must be concat, sum or none, got {flip!r}")
+        self.device = resolve_device(device)
+        self.net, self.meta = load_checkpoint(checkpoint, self.device)
+        self.checkpoint = str(checkpoint)
+        self.flip = flip
+        self.batch_size = int(batch_size)
+        self.feature_dim = int(self.meta["feature_dim"])
+        self.dim = self.feature_dim * (2 if flip == "concat" else 1)
+        inp = self.meta["input"]
+        self.height, self.width = int(inp["height"]), int(inp["width"])
+        self.bgr = inp["channel_order"] == "BGR"
+        self.mean = np.asarray(inp["mean"], dtype=np.float32)
+        self.std = np.asarray(inp["std"], dtype=np.float32)
+        self.eval_settings = ProtocolSettings.from_dict(
+            eval_settings or self.meta.get("eval") or {"mean_subtraction": True, "metric": "cosine"})
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """RGB uint8 crops -> float32 (N, 3, H, W) in the checkpoint's channel order and normalisation."""
+        batch = np.stack([np.asarray(im) for im in images]).astype(np.float32)
+        if batch.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(
+                f"expected aligned {self.height}x{self.width} RGB crops, got {batch.shape[1:]}; feed the stage-1 "
+                f"crops as they are (re-aligning an aligned crop is a known accuracy trap)")
+        if self.bgr:
+            batch = batch[..., ::-1]
+        batch = (batch - self.mean) / self.std
+        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+    def embed(self, faces: Sequence[FaceInput]) -> np.ndarray:
+        import torch
+
+        out = np.zeros((len(faces), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(faces), self.batch_size):
+                x = torch.from_numpy(self.preprocess([f.image for f in faces[s:s + self.batch_size]])).to(self.device)
+                f = self.net(x).float()
+                if self.flip != "none":
+                    g = self.net(torch.flip(x, dims=[3])).float()
+                    f = torch.cat([f, g], dim=1) if self.flip == "concat" else f + g
+                if f.shape[1] != self.dim:
+                    raise ValueError(f"network returned {f.shape[1]} values per face, checkpoint says "
+                                     f"feature_dim {self.feature_dim} (flip={self.flip})")
+                out[s:s + len(x)] = f.cpu().numpy()
+        return out
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(checkpoint=self.checkpoint, flip=self.flip, device=self.device, input=self.meta["input"],
+                 feature_dim=self.feature_dim, template=self.meta.get("template"), meta=self.meta.get("meta"))
+        return d
+
+
+# -------------------------------------------------------------------------------------- feature tables
+
+def features_frame(image_ids: Sequence[str], variant: str, matrix: np.ndarray,
+                   face: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    matrix = np.asarray(matrix, dtype=np.float32)
+    if len(matrix) != len(image_ids):
+        raise ValueError(f"{len(image_ids)} image_ids but {len(matrix)} features")
+    return pd.DataFrame({"image_id": list(image_ids), "variant": variant,
+                         "feature": list(matrix), "face": list(face) if face is not None else "unknown"})
+
+
+def write_features(df: pd.DataFrame, path: str | os.PathLike, prov: Optional[Mapping[str, Any]] = None) -> None:
+    """Write a features table (image_id, variant, feature as fixed-size float32 list, face)."""
+    import pyarrow as pa
+
+    from .manifest import write_parquet
+
+    dim = len(df["feature"].iloc[0]) if len(df) else 0
+    schema = pa.schema([("image_id", pa.string()), ("variant", pa.string()),
+                        ("feature", pa.list_(pa.float32(), dim)), ("face", pa.string())])
+    df = df[["image_id", "variant", "feature", "face"]].copy()
+    df["feature"] = [np.asarray(f, dtype=np.float32) for f in df["feature"]]
+    write_parquet(df, path, prov, schema=schema)
+
+
+def embed_all(embedder: Embedder, image_ids: Sequence[str], load: Callable[[str], FaceInput], variant: str,
+              chunk: int = 256, progress: Optional[Callable[[int, int], None]] = None) -> pd.DataFrame:
+    """Embed images by id (``load(image_id) -> FaceInput``) in chunks; return a features frame."""
+    feats, faces = [], []
+    for s in range(0, len(image_ids), chunk):
+        items = [load(i) for i in image_ids[s:s + chunk]]
+        feats.append(embedder.embed(items))
+        faces.extend(embedder.face_source(f) for f in items)
+        if progress:
+            progress(min(s + chunk, len(image_ids)), len(image_ids))
+    matrix = np.concatenate(feats) if feats else np.zeros((0, embedder.dim), np.float32)
+    return features_frame(image_ids, variant, matrix, faces)
