@@ -378,6 +378,15 @@ def test_outputs_json_markdown_png_and_summary(tmp_path):
     assert f"{100 * (m1 - 0.01):.2f} ± {100 * expect_sd:.2f}" in line
     assert "| 2 |" in line
     assert model_group("sphere20a-run12") == "sphere20a" and model_group("dlib-resnet") == "dlib-resnet"
+    # identification results get their own section
+    ids, table = _id_features(masked_noise=3.0)
+    p3 = tmp_path / "eval" / "dlib-resnet" / "private600.json"
+    p3.parent.mkdir(parents=True)
+    p3.write_text(json.dumps({"model": "dlib-resnet", "dataset": "private600", "identification":
+                              identification(table, ids, ProtocolSettings(mean_subtraction=False))}))
+    text = summarize([out / "lfw.json", p2, p3])
+    assert "| dlib-resnet |  | private600 | clean | 100.00 | 100.00 |" in text
+    assert "| dlib-resnet |  | private600 | masked |" in text
 
 
 def test_markdown_table_values():

@@ -574,12 +574,14 @@ def model_group(model: str, run: Optional[str] = None) -> str:
 
 def summarize(json_paths: Iterable[str | os.PathLike]) -> str:
     """Markdown summary: one row per model/run, dataset and protocol; then mean ± std over repeated runs."""
-    rows = []
+    rows, ident = [], []
     for p in sorted(map(str, json_paths)):
         doc = json.loads(Path(p).read_text())
+        model = doc.get("model") or Path(p).parent.name
+        for variant, r in (doc.get("identification") or {}).get("protocols", {}).items():
+            ident.append((model, doc.get("run") or "", doc.get("dataset") or Path(p).stem, variant, r))
         if "protocols" not in doc:
             continue
-        model = doc.get("model") or Path(p).parent.name
         for proto, r in doc["protocols"].items():
             if "fold_accuracy" not in r:
                 continue
@@ -609,4 +611,13 @@ def summarize(json_paths: Iterable[str | os.PathLike]) -> str:
             sa = a.std(ddof=1) if len(a) > 1 else 0.0
             lines.append(f"| {g} | {ds} | {proto} | {st} | {len(sub)} | {100 * m.mean():.2f} ± {100 * sd:.2f} | "
                          f"{a.mean():.5f} ± {sa:.5f} |")
+    if ident:
+        lines += ["", "## Identification (gallery: first clean image per identity; probes: the rest)", "",
+                  "| model | run | dataset | probes | rank-1 | rank-5 | AUC | TAR@1e-2 | TAR@1e-3 |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
+        for model, run, ds, variant, r in ident:
+            t = r.get("tar_at_far", {})
+            lines.append(f"| {model} | {run} | {ds} | {variant} | {fmt_pct(r.get('rank1'))} | "
+                         f"{fmt_pct(r.get('rank5'))} | {r.get('auc', float('nan')):.5f} | "
+                         f"{fmt_pct(t.get('1e-2', float('nan')))} | {fmt_pct(t.get('1e-3', float('nan')))} |")
     return "\n".join(lines) + "\n"

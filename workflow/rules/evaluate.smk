@@ -1,0 +1,125 @@
+# Stage 4: features of every configured model on every test dataset, then evaluation.
+#   results/features/{model}/{dataset}/{variant}.parquet   (image_id, variant, feature, face)
+#   results/eval/{model}/{dataset}.json / .md / _roc.png   (LFW: 10-fold protocols; imagefolder: identification)
+#   results/eval/summary.md                                (every model/run and protocol; mean +- std over runs)
+# It needs stage 1's outputs (results/manifests/{dataset}/aligned.parquet, results/aligned/{dataset}/shard-*):
+# its targets join `all` only once a rule of the workflow produces them.
+import re
+
+EVAL = config.get("evaluate", {})
+EVAL_MODELS = sorted(EVAL.get("models", {}))
+# Variants with features; the mask stage adds "masked" (results/masked/...) and the mixed/masked protocols follow.
+EVAL_VARIANTS = ["clean"]
+
+
+wildcard_constraints:
+    model="|".join(re.escape(m) for m in EVAL_MODELS) or "no-model-configured",
+    variant="clean|masked",
+
+
+def _model_cfg(model):
+    return EVAL["models"][model]
+
+
+def _aligned_manifest(dataset):
+    return f"{RESULTS}/manifests/{dataset}/aligned.parquet"
+
+
+def _aligned_shards(dataset):
+    return [f"{RESULTS}/aligned/{dataset}/shard-{s}.parquet" for s in range(config["align"]["shards"])]
+
+
+def _extract_inputs(wc):
+    mcfg = _model_cfg(wc.model)
+    inp = {"json": dataset_json(wc.dataset), "aligned": _aligned_manifest(wc.dataset)}
+    if dataset_cfg(wc.dataset)["format"] == "lfw" and EVAL.get("lfw_images", "pairs") == "pairs":
+        inp["pairs"] = pairs_manifest(wc.dataset)
+    if mcfg["embedder"] == "sphereface":
+        inp["shards"] = _aligned_shards(wc.dataset)
+        inp["checkpoint"] = mcfg["checkpoint"]
+    return inp
+
+
+rule extract_features:
+    input:
+        unpack(_extract_inputs),
+    output:
+        features=f"{RESULTS}/features/{{model}}/{{dataset}}/{{variant}}.parquet",
+    params:
+        model=lambda wc: plain(_model_cfg(wc.model)),
+        device=EVAL.get("device", "auto"),
+        chunk=256,
+        code=code("features", "evaluate", "imageio"),
+    log:
+        f"{LOGS}/extract_features/{{model}}/{{dataset}}/{{variant}}.log",
+    benchmark:
+        f"{BENCH}/extract_features/{{model}}/{{dataset}}/{{variant}}.tsv"
+    threads: EVAL.get("threads", 2)
+    resources:
+        mem_mb=8192,
+        runtime=240,
+    script:
+        "../scripts/extract_features.py"
+
+
+def _evaluate_inputs(wc):
+    inp = {"features": [f"{RESULTS}/features/{wc.model}/{wc.dataset}/{v}.parquet" for v in EVAL_VARIANTS]}
+    if dataset_cfg(wc.dataset)["format"] == "lfw":
+        inp["pairs"] = pairs_manifest(wc.dataset)
+    return inp
+
+
+rule evaluate_model:
+    input:
+        unpack(_evaluate_inputs),
+    output:
+        json=f"{RESULTS}/eval/{{model}}/{{dataset}}.json",
+        md=f"{RESULTS}/eval/{{model}}/{{dataset}}.md",
+        png=f"{RESULTS}/eval/{{model}}/{{dataset}}_roc.png",
+    params:
+        model=lambda wc: plain(_model_cfg(wc.model)),
+        n_impostors=EVAL.get("n_impostors", 200000),
+        code=code("evaluate"),
+    log:
+        f"{LOGS}/evaluate/{{model}}/{{dataset}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{model}}/{{dataset}}.tsv"
+    resources:
+        mem_mb=4096,
+        runtime=30,
+    script:
+        "../scripts/evaluate.py"
+
+
+EVAL_JSONS = expand(f"{RESULTS}/eval/{{model}}/{{dataset}}.json", model=EVAL_MODELS, dataset=TEST_DATASETS)
+
+
+rule eval_summary:
+    input:
+        json=EVAL_JSONS,
+    output:
+        md=f"{RESULTS}/eval/summary.md",
+    params:
+        code=code("evaluate"),
+    log:
+        f"{LOGS}/evaluate/summary.log",
+    script:
+        "../scripts/eval_summary.py"
+
+
+rule evaluate:
+    """Named target: every model on every test dataset, and the summary."""
+    input:
+        EVAL_JSONS,
+        f"{RESULTS}/eval/summary.md",
+
+
+def _evaluate_targets():
+    produced = {str(o) for r in workflow.rules for o in r.output}
+    if not EVAL_MODELS or not any(_aligned_manifest(d) in produced or
+                                  f"{RESULTS}/manifests/{{dataset}}/aligned.parquet" in produced for d in TEST_DATASETS):
+        return []
+    return list(rules.evaluate.input)
+
+
+STAGE_TARGETS["evaluate"] = _evaluate_targets

@@ -1,0 +1,71 @@
+"""Rule extract_features: one model's features of one dataset's images (one variant) -> features Parquet.
+
+dlib-resnet reads the source images with the stage-1 MTCNN box of each (rows without a detection get the
+centred fallback box); sphereface reads the stage-1 aligned crops from the shard files, as they are.
+"""
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from maskface.align import ALIGNED_STATUSES
+from maskface.features import FaceInput, embed_all, make_embedder, write_features
+from maskface.imageio import decode_png, load_rgb
+from maskface.manifest import provenance
+from maskface.smk import logged
+
+with logged(snakemake) as log:
+    import torch
+
+    torch.set_num_threads(max(1, snakemake.threads))
+    record = json.load(open(snakemake.input.json))
+    mcfg = snakemake.params.model
+    variant = snakemake.wildcards.variant
+    aligned = pd.read_parquet(snakemake.input.aligned, columns=["image_id", "status", "bbox", "shard"])
+    usable = aligned[aligned["status"].isin(ALIGNED_STATUSES)]
+    if "pairs" in snakemake.input.keys():
+        pairs = pd.read_parquet(snakemake.input.pairs, columns=["a", "b"])
+        wanted = set(pairs["a"]) | set(pairs["b"])
+        usable = usable[usable["image_id"].isin(wanted)]
+        lacking = wanted - set(usable["image_id"])
+        if lacking:  # never silently: the protocol counts these pairs as errors
+            log.warning("%d pair images have no stage-1 crop or box (status not in %s), e.g. %s", len(lacking),
+                        ALIGNED_STATUSES, sorted(lacking)[:3])
+    usable = usable.sort_values("image_id")
+    kwargs = dict(mcfg.get("options") or {})
+    if mcfg["embedder"] == "sphereface":
+        kwargs.update(checkpoint=mcfg["checkpoint"], device=snakemake.params.device)
+    if mcfg.get("eval"):
+        kwargs["eval_settings"] = mcfg["eval"]
+    emb = make_embedder(mcfg["embedder"], **kwargs)
+    ids = usable["image_id"].tolist()
+    if emb.input_kind == "source":
+        if variant != "clean":
+            raise ValueError(f"{emb.name} reads source images; the {variant} variant needs the mask stage's "
+                             f"full-size images, which this rule does not take yet")
+        bbox = {i: (None if s != "ok" or b is None else np.asarray(b, float))
+                for i, s, b in zip(usable["image_id"], usable["status"], usable["bbox"])}
+
+        def load(i):
+            return FaceInput(load_rgb(f"{record['images_root']}/{i}"), bbox[i])
+    else:
+        crops = {}
+        for path in snakemake.input.shards:
+            t = pq.read_table(path, columns=["image_id", "png"]).to_pandas()
+            t = t[t["image_id"].isin(set(ids)) & t["png"].notna()]
+            crops.update(zip(t["image_id"], t["png"]))
+
+        def load(i):
+            return FaceInput(decode_png(crops[i]))
+    t0 = time.time()
+
+    def progress(done, total):
+        log.info("%d/%d faces, %.1f/s", done, total, done / max(time.time() - t0, 1e-9))
+
+    df = embed_all(emb, ids, load, variant, chunk=int(snakemake.params.chunk), progress=progress)
+    log.info("%d features (%s): %s", len(df), emb.name, df["face"].value_counts().to_dict())
+    prov = provenance("features", {"model": mcfg, "variant": variant}, [snakemake.input.aligned],
+                      embedder=emb.describe())
+    write_features(df, snakemake.output.features, prov)
