@@ -62,8 +62,17 @@ rule extract_features:
         "../scripts/extract_features.py"
 
 
+def _features_model(model):
+    """A model may score another model's features differently (features_from): they are extracted once."""
+    src = _model_cfg(model).get("features_from") or model
+    if src not in EVAL["models"] or _model_cfg(src).get("features_from"):
+        raise ValueError(f"evaluate.models.{model}.features_from: {src!r} must name a model with its own features")
+    return src
+
+
 def _evaluate_inputs(wc):
-    inp = {"features": [f"{RESULTS}/features/{wc.model}/{wc.dataset}/{v}.parquet" for v in EVAL_VARIANTS]}
+    src = _features_model(wc.model)
+    inp = {"features": [f"{RESULTS}/features/{src}/{wc.dataset}/{v}.parquet" for v in EVAL_VARIANTS]}
     if dataset_cfg(wc.dataset)["format"] == "lfw":
         inp["pairs"] = pairs_manifest(wc.dataset)
     return inp
