@@ -191,6 +191,7 @@ def _mtcnn_boxes(images):
 
 
 @pytest.mark.lfw
+@pytest.mark.slow
 def test_dlib_resnet_on_real_lfw_pairs(lfw):
     from maskface.datasets import parse_pairs
     from maskface.imageio import load_rgb

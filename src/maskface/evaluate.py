@@ -462,11 +462,14 @@ def identification(features: FeatureTable, image_ids: Sequence[str], settings: P
         probe_all = clean_all if variant == "clean" else features.lookup(all_ids, variant)
         ii, jj = np.r_[gen_i, imp_i], np.r_[gen_j, imp_j]
         same = np.r_[np.ones(len(gen_i), bool), np.zeros(len(imp_i), bool)]
-        fa, fb = clean_all[ii], probe_all[jj]
+        ca, pb = clean_all, probe_all
         if settings.l2:
-            fa = fa / np.linalg.norm(fa, axis=1, keepdims=True)
-            fb = fb / np.linalg.norm(fb, axis=1, keepdims=True)
-        scores = pair_scores(fa, fb, settings.metric)
+            ca = ca / np.linalg.norm(ca, axis=1, keepdims=True)
+            pb = pb / np.linalg.norm(pb, axis=1, keepdims=True)
+        scores = np.empty(len(ii))
+        step = 32768  # pairs per block: bounded memory for 10^6 pairs of 1024-d features
+        for s in range(0, len(ii), step):
+            scores[s:s + step] = pair_scores(ca[ii[s:s + step]], pb[jj[s:s + step]], settings.metric)
         res["n_genuine"], res["n_impostor"] = int(len(gen_i)), int(len(imp_i))
         if len(gen_i) and len(imp_i) and np.isfinite(scores).any():
             res.update(roc_summary(scores, same, fars))
