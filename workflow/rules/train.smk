@@ -1,0 +1,175 @@
+# Stage 3: SphereFace training (maskface.train, maskface.models).
+#   results/train_cache/{dataset}/{cvariant}.npy|.parquet   crops decoded once to uint8 (clean: aligned, masked: mask stage)
+#   results/models/{run}/model.pt, train_log.csv, curve.png  one run = one model (checkpoint.pt beside, for resume)
+#   results/models/{run}/fold_eval.json                      lfw_unrestricted: accuracy of the run's held-out fold
+#   results/models/{name}.summary.json / .md                 lfw_unrestricted: mean +- std over folds and seeds
+# Runs: lfw_unrestricted -> {name}-fold{k}-seed{s}; external -> {name}-seed{s} (evaluate those with the
+# evaluation stage: evaluate.models.<run> = {embedder: sphereface, checkpoint: results/models/<run>/model.pt}).
+# The targets join `all` only once the workflow has rules producing the aligned (and, when needed, masked) crops.
+import re
+
+from maskface.train import merged as _train_merged, run_names as _train_run_names
+
+TRAIN = _train_merged(config.get("train", {}))
+TRAIN_RUNS = _train_run_names(TRAIN)
+TRAIN_MASKED_FOR_TRAINING = TRAIN["mask_fraction"] > 0
+TRAIN_LFW = TRAIN["protocol"] == "lfw_unrestricted"
+
+
+wildcard_constraints:
+    run="|".join(re.escape(r) for r in TRAIN_RUNS) or "no-run-configured",
+    cvariant="clean|masked",
+
+
+def _train_datasets():
+    if TRAIN_LFW:
+        lfw = TRAIN["lfw_dataset"] or (LFW_DATASETS[0] if LFW_DATASETS else None)
+        return [lfw] if lfw else []
+    return list(TRAIN["datasets"]) or list(TRAIN_DATASETS)
+
+
+def _train_shards(dataset, variant):
+    if variant == "clean":
+        return [f"{RESULTS}/aligned/{dataset}/shard-{s}.parquet" for s in range(config["align"]["shards"])]
+    n = (config.get("mask") or {}).get("shards", config["align"]["shards"])
+    return [f"{RESULTS}/masked/{dataset}/shard-{s}.parquet" for s in range(n)]
+
+
+def _train_cache(dataset, variant):
+    return [f"{RESULTS}/train_cache/{dataset}/{variant}.npy", f"{RESULTS}/train_cache/{dataset}/{variant}.parquet"]
+
+
+rule train_cache:
+    input:
+        shards=lambda wc: _train_shards(wc.dataset, wc.cvariant),
+    output:
+        npy=f"{RESULTS}/train_cache/{{dataset}}/{{cvariant}}.npy",
+        index=f"{RESULTS}/train_cache/{{dataset}}/{{cvariant}}.parquet",
+    params:
+        code=code("train", "imageio"),
+    log:
+        f"{LOGS}/train_cache/{{dataset}}/{{cvariant}}.log",
+    benchmark:
+        f"{BENCH}/train_cache/{{dataset}}/{{cvariant}}.tsv"
+    threads: TRAIN["threads"]
+    resources:
+        mem_mb=4096,
+        runtime=240,
+    script:
+        "../scripts/train_cache.py"
+
+
+def _train_spec(wc):
+    run = TRAIN_RUNS[wc.run]
+    sources = []
+    for d in _train_datasets():
+        src = {"dataset": d, "manifest": f"{RESULTS}/manifests/{d}/aligned.parquet", "clean": _train_cache(d, "clean")}
+        if TRAIN_MASKED_FOR_TRAINING:
+            src["masked"] = _train_cache(d, "masked")
+        sources.append(src)
+    spec = {"run": wc.run, "protocol": TRAIN["protocol"], "fold": run["fold"], "seed": run["seed"],
+            "exclude_fold": run["fold"] if TRAIN_LFW else None,
+            "pairs": pairs_manifest(_train_datasets()[0]) if TRAIN_LFW else None,
+            "sources": sources, "train": TRAIN}
+    return plain(spec)
+
+
+def _train_inputs(wc):
+    inp = {"manifests": [f"{RESULTS}/manifests/{d}/aligned.parquet" for d in _train_datasets()],
+           "clean": [p for d in _train_datasets() for p in _train_cache(d, "clean")]}
+    if TRAIN_MASKED_FOR_TRAINING:
+        inp["masked"] = [p for d in _train_datasets() for p in _train_cache(d, "masked")]
+    if TRAIN_LFW:
+        inp["pairs"] = pairs_manifest(_train_datasets()[0])
+    return inp
+
+
+rule train:
+    input:
+        unpack(_train_inputs),
+    output:
+        model=f"{RESULTS}/models/{{run}}/model.pt",
+        log_csv=f"{RESULTS}/models/{{run}}/train_log.csv",
+        curve=f"{RESULTS}/models/{{run}}/curve.png",
+    params:
+        spec=_train_spec,
+        code=code("models", "train"),
+    log:
+        f"{LOGS}/train/{{run}}.log",
+    benchmark:
+        f"{BENCH}/train/{{run}}.tsv"
+    threads: TRAIN["threads"]
+    resources:
+        mem_mb=16384,
+        runtime=24 * 60,
+        gpu=TRAIN["gpus"] if TRAIN["device"] != "cpu" else 0,
+    script:
+        "../scripts/train.py"
+
+
+def _fold_eval_inputs(wc):
+    d = _train_datasets()[0]
+    inp = {"model": f"{RESULTS}/models/{wc.run}/model.pt", "pairs": pairs_manifest(d), "clean": _train_cache(d, "clean")}
+    if TRAIN["eval_masked"]:
+        inp["masked"] = _train_cache(d, "masked")
+    return inp
+
+
+rule train_fold_eval:
+    input:
+        unpack(_fold_eval_inputs),
+    output:
+        json=f"{RESULTS}/models/{{run}}/fold_eval.json",
+    params:
+        fold=lambda wc: TRAIN_RUNS[wc.run]["fold"],
+        device=TRAIN["device"],
+        batch_size=TRAIN["eval_batch_size"],
+        code=code("models", "train", "evaluate"),
+    log:
+        f"{LOGS}/train_fold_eval/{{run}}.log",
+    threads: TRAIN["threads"]
+    resources:
+        mem_mb=8192,
+        runtime=120,
+    script:
+        "../scripts/train_eval.py"
+
+
+TRAIN_MODELS = [f"{RESULTS}/models/{r}/model.pt" for r in TRAIN_RUNS]
+TRAIN_EVALS = [f"{RESULTS}/models/{r}/fold_eval.json" for r in TRAIN_RUNS] if TRAIN_LFW else []
+TRAIN_SUMMARY = [f"{RESULTS}/models/{TRAIN['name']}.summary.json", f"{RESULTS}/models/{TRAIN['name']}.summary.md"]
+
+
+rule train_summary:
+    input:
+        json=TRAIN_EVALS,
+    output:
+        json=TRAIN_SUMMARY[0],
+        md=TRAIN_SUMMARY[1],
+    params:
+        code=code("train"),
+    log:
+        f"{LOGS}/train_summary/{TRAIN['name']}.log",
+    script:
+        "../scripts/train_summary.py"
+
+
+rule train_all:
+    """Named target: every configured run (and, for lfw_unrestricted, the fold evaluations and their summary)."""
+    input:
+        TRAIN_MODELS,
+        TRAIN_EVALS,
+        TRAIN_SUMMARY if TRAIN_LFW else [],
+
+
+def _train_targets():
+    produced = {str(o) for r in workflow.rules for o in r.output}
+    needs = [f"{RESULTS}/aligned/{{dataset}}/shard-{{shard}}.parquet"]
+    if TRAIN_MASKED_FOR_TRAINING or (TRAIN_LFW and TRAIN["eval_masked"]):
+        needs.append(f"{RESULTS}/masked/{{dataset}}/shard-{{shard}}.parquet")
+    if not TRAIN_RUNS or not _train_datasets() or not all(n in produced for n in needs):
+        return []
+    return list(rules.train_all.input)
+
+
+STAGE_TARGETS["train"] = _train_targets

@@ -1,0 +1,22 @@
+"""Rule train: one run; several GPUs -> torchrun with DistributedDataParallel (maskface.train)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from maskface.smk import logged
+from maskface.train import train_run
+
+with logged(snakemake) as log:
+    spec = dict(snakemake.params.spec)
+    out = Path(snakemake.output.model).parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
+    gpus = int(spec["train"]["gpus"])
+    if gpus > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+               "-m", "maskface.train", "run", "--spec", str(out / "spec.json")]
+        log.info("launching %s", " ".join(cmd))
+        subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=sys.stderr)
+    else:
+        log.info("run %s: %s", spec["run"], json.dumps(train_run(spec, out), default=str))
