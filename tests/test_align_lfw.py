@@ -1,0 +1,159 @@
+"""Stage 1 on real faces from LFW (skipped when LFW is absent: set MASKFACE_LFW to the folder holding
+images_deepfunneled/ and pairs.txt; default ../shared/data/lfw beside the repo)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from maskface import align as A
+from maskface.imageio import decode_png, load_rgb
+
+REPO = Path(__file__).resolve().parents[1]
+
+# frontal, single-subject LFW images (deep-funneled), and one with several faces
+FRONTAL = ["Aaron_Eckhart/Aaron_Eckhart_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0002.jpg"]
+SAMPLE = FRONTAL + ["Zico/Zico_0001.jpg", "Zico/Zico_0002.jpg", "Zhu_Rongji/Zhu_Rongji_0001.jpg",
+                    "Colin_Powell/Colin_Powell_0001.jpg", "Serena_Williams/Serena_Williams_0001.jpg",
+                    "George_W_Bush/George_W_Bush_0001.jpg"]
+
+
+def _lfw_images() -> Path | None:
+    env = os.environ.get("MASKFACE_LFW")
+    root = Path(env) if env else REPO.parent / "shared" / "data" / "lfw"
+    imgs = root / "images_deepfunneled"
+    return imgs if imgs.is_dir() else None
+
+
+@pytest.fixture(scope="module")
+def lfw_images() -> Path:
+    imgs = _lfw_images()
+    if imgs is None:
+        pytest.skip("real LFW not found: set MASKFACE_LFW to the folder holding images_deepfunneled/ "
+                    "(default ../shared/data/lfw beside the repo)")
+    missing = [i for i in SAMPLE if not (imgs / i).is_file()]
+    if missing:
+        pytest.skip(f"LFW copy lacks {missing[:3]}")
+    return imgs
+
+
+@pytest.fixture(scope="module")
+def detector():
+    import torch
+    torch.set_num_threads(1)
+    return A.Detector(20, (0.6, 0.7, 0.9), 0.85, "cpu")
+
+
+def test_detector_matches_facenet_pytorch(lfw_images, detector):
+    """Same cascade, same numbers: boxes, scores and landmarks equal facenet-pytorch's MTCNN.detect."""
+    from facenet_pytorch import MTCNN
+
+    ref = MTCNN(min_face_size=20, thresholds=[0.6, 0.7, 0.9], factor=0.85, select_largest=False)
+    imgs = np.stack([load_rgb(lfw_images / i) for i in SAMPLE[:4]])
+    rb, rp, rl = ref.detect(imgs, landmarks=True)
+    mine = detector.detect(imgs)
+    for i in range(len(imgs)):
+        boxes, points = mine[i]
+        assert len(boxes) == len(rb[i]) >= 1
+        np.testing.assert_allclose(boxes[:, :4], np.asarray(rb[i], dtype=float), atol=0.01)
+        np.testing.assert_allclose(boxes[:, 4], np.asarray(rp[i], dtype=float), atol=1e-4)
+        np.testing.assert_allclose(points, np.asarray(rl[i], dtype=float), atol=0.01)
+
+
+def test_rotated_and_scaled_face_aligns_back_onto_the_template(lfw_images, detector):
+    """An LFW face rotated by 20 degrees and scaled by 0.7 aligns to (nearly) the same crop as the original."""
+    name = FRONTAL[0]
+    rgb = load_rgb(lfw_images / name)
+    h, w = rgb.shape[:2]
+    rot = cv2.getRotationMatrix2D((w / 2, h / 2), 20, 0.7)
+    moved = cv2.warpAffine(rgb, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    cfg = A.AlignConfig(device="cpu")
+    rec0 = A.finish_image(rgb, detector.detect(rgb[None])[0], A.empty_record(name, "", "", "", cfg.template, 0),
+                          cfg, "center")
+    rec1 = A.finish_image(moved, detector.detect(moved[None])[0],
+                          A.empty_record(name, "", "", "", cfg.template, 0), cfg, "center")
+    assert rec0["status"] == rec1["status"] == "ok"
+    tpl = A.SPHEREFACE_112x96
+    # the detected landmarks of the rotated face, mapped by the fitted similarity, land on the template
+    err1 = np.linalg.norm(np.reshape(rec1["aligned_landmarks5"], (5, 2)) - tpl, axis=1)
+    assert err1.mean() < 3.0 and err1.max() < 6.0
+    # the fitted transform undoes the rotation and the scale: M1 o R == M0 (up to detector noise)
+    m0 = np.reshape(rec0["transform"], (2, 3))
+    m1 = np.reshape(rec1["transform"], (2, 3))
+    comp = m1[:, :2] @ rot[:, :2]
+    ang = math.degrees(math.atan2(comp[1, 0], comp[0, 0]) - math.atan2(m0[1, 0], m0[0, 0]))
+    scale_ratio = math.sqrt(abs(np.linalg.det(comp))) / math.sqrt(abs(np.linalg.det(m0[:, :2])))
+    assert abs(ang) < 2.0 and abs(scale_ratio - 1) < 0.05
+    # and the two crops show the same face: re-detected landmarks agree within a few pixels
+    c0, c1 = decode_png(rec0["png"]), decode_png(rec1["png"])
+    diff = np.abs(c0.astype(int) - c1.astype(int))[20:100, 10:86].mean()
+    assert diff < 15, diff
+    pad = 48
+    for crop in (c0, c1):
+        big = cv2.copyMakeBorder(crop, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        boxes, pts = detector.detect(big[None])[0]
+        assert len(boxes)
+        p = pts[A.select_face(boxes, big.shape[:2], "center")] - pad
+        assert np.linalg.norm(p - tpl, axis=1).mean() < 4.0
+
+
+def test_shard_pipeline_on_lfw_images(lfw_images, tmp_path):
+    """align_shard on a raw manifest of real LFW files: every face found, crops 112x96, centre selection."""
+    ids = SAMPLE
+    raw = pd.DataFrame({"image_id": ids, "identity": [i.split("/")[0] for i in ids], "path": ids,
+                        "width": 250, "height": 250, "status": "ok", "reason": ""})
+    cfg = A.AlignConfig.from_mapping({"device": "cpu", "workers": 2})
+    recs = A.align_shard(raw, lfw_images, "lfw", cfg, 0, 1, progress=False)
+    df = A.records_frame(recs, False).to_pandas()
+    assert (df["status"] == "ok").all(), df[["image_id", "status", "reason"]]
+    for r in recs:
+        crop = decode_png(r["png"])
+        assert crop.shape == (112, 96, 3)
+        # the kept face is the central subject of the LFW crop
+        x1, y1, x2, y2 = r["bbox"]
+        assert abs((x1 + x2) / 2 - 125) < 30 and abs((y1 + y2) / 2 - 125) < 40
+        assert r["det_score"] > 0.9 and r["n_faces"] >= 1
+    s = A.summarize(df)
+    assert s["detection_rate"] == 1.0
+    # arcface template: 112x112 crops, the same face 8 px to the right
+    cfg2 = A.AlignConfig.from_mapping({"device": "cpu", "workers": 1, "template": "arcface_112x112"})
+    r2 = A.align_shard(raw.iloc[:1], lfw_images, "lfw", cfg2, 0, 1, progress=False)[0]
+    c96, c112 = decode_png(recs[0]["png"]), decode_png(r2["png"])
+    assert c112.shape == (112, 112, 3)
+    np.testing.assert_array_equal(c112[:, 8:104], c96)
+
+
+def test_center_selection_on_a_multi_face_image(lfw_images, detector):
+    """Two LFW faces side by side, the subject in the middle: center keeps it, largest keeps the bigger one."""
+    a = load_rgb(lfw_images / FRONTAL[0])
+    b = load_rgb(lfw_images / FRONTAL[1])
+    canvas = np.zeros((250, 250, 3), np.uint8)
+    canvas[:] = a                                                  # subject at the centre, full size
+    small = cv2.resize(b, (100, 100), interpolation=cv2.INTER_AREA)
+    canvas[0:100, 150:250] = small                                 # a smaller face in the top-right corner
+    boxes, _ = detector.detect(canvas[None])[0]
+    assert len(boxes) >= 2
+    i = A.select_face(boxes, (250, 250), "center")
+    cx, cy = (boxes[i, 0] + boxes[i, 2]) / 2, (boxes[i, 1] + boxes[i, 3]) / 2
+    assert abs(cx - 125) < 30 and abs(cy - 125) < 40
+
+
+def test_fidelity_report_on_lfw(lfw_images, tmp_path):
+    ids = SAMPLE[:4]
+    raw = pd.DataFrame({"image_id": ids, "identity": [i.split("/")[0] for i in ids], "path": ids,
+                        "width": 250, "height": 250, "status": "ok", "reason": ""})
+    cfg = A.AlignConfig.from_mapping({"device": "cpu", "workers": 1})
+    recs = A.align_shard(raw, lfw_images, "lfw", cfg, 0, 1, progress=False)
+    p = tmp_path / "shard-0.parquet"
+    A.write_table(A.records_frame(recs, True), p)
+    man = A.merge_shards([p], raw)
+    rep = A.fidelity_report(man, [p], cfg, sample=4)
+    assert rep["transformed"]["n"] == 4 and rep["redetected"]["sample"] == 4
+    assert rep["redetected"]["redetected"] == 4
+    assert rep["transformed"]["mean_px"] < 4 and rep["redetected"]["mean_px"] < 5
