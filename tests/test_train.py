@@ -187,6 +187,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     pd.testing.assert_frame_equal(la.drop(columns="img_s"), lb.drop(columns="img_s"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad", ["exact", "caffe"])
 def test_resume_after_interrupt_equals_uninterrupted(syn, tmp_path, grad):
     spec = _spec(syn, mask_fraction=0.5, head={"type": "asoftmax", "grad": grad})
@@ -202,6 +203,7 @@ def test_resume_after_interrupt_equals_uninterrupted(syn, tmp_path, grad):
     assert not torch.equal(ck["model"]["fc5.weight"], _weights(tmp_path / "full" / "model.pt")["fc5.weight"])
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(syn, tmp_path):
     spec = _spec(syn, iterations=20, checkpoint_every=2, log_every=2, batch_size=4, mask_fraction=0.5)
     ref = tmp_path / "ref"
@@ -310,6 +312,7 @@ def _centre_crop(path: Path) -> np.ndarray:
     return np.asarray(img)
 
 
+@pytest.mark.lfw
 def test_lfw_folds_are_identity_disjoint(lfw):
     from maskface.datasets import parse_pairs
     pairs = parse_pairs(lfw / "pairs.txt")
@@ -319,6 +322,8 @@ def test_lfw_folds_are_identity_disjoint(lfw):
             assert not people[i] & people[j], (i, j)
 
 
+@pytest.mark.lfw
+@pytest.mark.slow
 def test_loss_falls_on_real_lfw_subset(lfw, tmp_path):
     root = lfw / "images_deepfunneled"
     people = sorted(p for p in os.listdir(root) if len(os.listdir(root / p)) >= 12)[:12]
@@ -341,3 +346,42 @@ def test_loss_falls_on_real_lfw_subset(lfw, tmp_path):
     assert np.isfinite(log["loss"]).all()
     assert last < 0.6 * first, log[["iteration", "loss", "accuracy"]].to_string()
     assert log["accuracy"].iloc[-2:].mean() > log["accuracy"].iloc[0] + 0.2
+
+
+# ----------------------------------------------------------------------------------------- config, rules
+
+def test_schema_defaults_mirror_train_defaults():
+    import yaml
+
+    from maskface.train import DEFAULTS
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+
+    def defaults(props):
+        return {k: defaults(v["properties"]) if v.get("type") == "object" else v.get("default")
+                for k, v in props.items()}
+
+    assert defaults(schema["properties"]["train"]["properties"]) == DEFAULTS
+    for name in ("cpu-quick.yaml", "casia.yaml", "cpu-quick-m0.yaml"):
+        cfg = yaml.safe_load((REPO / "config" / name).read_text())
+        assert set(cfg["train"]) <= set(DEFAULTS), name
+
+
+@pytest.mark.slow
+def test_dry_run_builds_the_training_dag(tmp_path):
+    cfg = {"datasets": {"lfw": {"source": str(tmp_path), "format": "lfw", "pairs": str(tmp_path / "pairs.txt")}},
+           "train": {"folds": [1, 2], "seeds": [1, 2], "mask_fraction": 0.5, "name": "t"}}
+    (tmp_path / "config.yaml").write_text(json.dumps(cfg))
+    # the upstream stages' outputs, present: the dry run plans the training stage only
+    for f in ("manifests/lfw/aligned.parquet", "manifests/lfw/pairs.parquet", "train_cache/lfw/clean.npy",
+              "train_cache/lfw/clean.parquet", "train_cache/lfw/masked.npy", "train_cache/lfw/masked.parquet"):
+        (tmp_path / "results" / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "results" / f).write_bytes(b"")
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                          "-n", "--cores", "1", "train_all"], capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    for run in ("t-fold1-seed1", "t-fold2-seed1", "t-fold1-seed2", "t-fold2-seed2"):
+        assert f"results/models/{run}/model.pt" in out and f"results/models/{run}/fold_eval.json" in out
+    stats = dict(line.split()[:2] for line in out.splitlines() if line.startswith(("train ", "train_fold_eval ",
+                                                                                   "train_summary ")))
+    assert stats == {"train": "4", "train_fold_eval": "4", "train_summary": "1"}, out[-3000:]
