@@ -62,6 +62,7 @@ Command line (what the Snakemake rule runs; torchrun for several GPUs)::
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import csv
 import hashlib
@@ -125,6 +126,7 @@ DEFAULTS: dict[str, Any] = {
     "deterministic": False,
     "threads": 2,
     "prefetch": 4,
+    "loader_threads": 2,
     "checkpoint_every": 500,
     "log_every": 50,
     "keep_checkpoint": True,
@@ -132,7 +134,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 256,
 }
 # Keys that do not change the result (a checkpoint written under other values of these is resumed).
-NON_SEMANTIC = ("device", "gpus", "compile", "threads", "prefetch", "checkpoint_every", "log_every",
+NON_SEMANTIC = ("device", "gpus", "compile", "threads", "prefetch", "loader_threads", "checkpoint_every", "log_every",
                 "keep_checkpoint", "eval_masked", "eval_batch_size", "name", "folds", "seeds", "datasets",
                 "lfw_dataset", "protocol")
 
@@ -306,9 +308,11 @@ class TrainData:
         return cls(clean, masked, df["src"].to_numpy(np.int16), df["clean_row"].to_numpy(np.int64),
                    df["masked_row"].to_numpy(np.int64), label, classes)
 
-    def gather(self, idx: np.ndarray, use_masked: np.ndarray) -> np.ndarray:
-        """uint8 (len(idx), 112, 96, 3) RGB crops; ``use_masked`` picks the masked crop of a sample."""
-        out = np.empty((len(idx),) + CROP_SHAPE, dtype=np.uint8)
+    def gather(self, idx: np.ndarray, use_masked: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """uint8 (len(idx), 112, 96, 3) RGB crops (into ``out`` if given); ``use_masked`` picks the masked
+        crop of a sample."""
+        if out is None:
+            out = np.empty((len(idx),) + CROP_SHAPE, dtype=np.uint8)
         src = self.src[idx]
         for s in np.unique(src):
             sel = src == s
@@ -333,18 +337,20 @@ class StreamSampler:
         self.n, self.seed = int(n), int(seed)
         self.mask_fraction, self.flip = float(mask_fraction), bool(flip)
         self.has_masked = np.asarray(has_masked, dtype=bool)
-        self._epoch, self._plan = None, None
+        self._plans: dict = {}
 
     def plan(self, epoch: int):
-        if epoch != self._epoch:
+        """(permutation, served masked, flipped) of epoch ``epoch`` (the last two epochs are cached)."""
+        if epoch not in self._plans:
             rng = np.random.default_rng([self.seed, int(epoch)])
             perm = rng.permutation(self.n)
             u_mask = rng.random(self.n)
             u_flip = rng.random(self.n)
             masked = (u_mask < self.mask_fraction) & self.has_masked[perm]
             flip = (u_flip < 0.5) if self.flip else np.zeros(self.n, dtype=bool)
-            self._epoch, self._plan = epoch, (perm, masked, flip)
-        return self._plan
+            self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
+            self._plans[epoch] = (perm, masked, flip)
+        return self._plans[epoch]
 
     def take(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         idx, msk, flp = [], [], []
@@ -361,59 +367,55 @@ class StreamSampler:
 
 
 class BatchStream:
-    """Iterator of (iteration, uint8 NHWC batch, labels, flip flags, served-masked count) from ``start`` to
-    ``stop`` (0-based iterations), produced ``prefetch`` batches ahead by a thread (pinned when on CUDA)."""
+    """Iterator of (iteration, uint8 NHWC batch, labels, flip flags, served-masked count) for iterations
+    ``start`` to ``stop`` (0-based), in order, with ``prefetch`` batches in flight on ``workers`` threads (numpy's
+    gather releases the GIL). On CUDA the gather writes straight into pinned memory (torch's caching host
+    allocator), so the host->device copy can be asynchronous."""
 
     def __init__(self, data: TrainData, sampler: StreamSampler, start: int, stop: int, global_batch: int,
-                 rank: int = 0, world: int = 1, prefetch: int = 4, pin: bool = False):
+                 rank: int = 0, world: int = 1, prefetch: int = 4, pin: bool = False, workers: int = 1):
         if global_batch % world:
             raise ValueError(f"batch_size {global_batch} is not divisible by the {world} processes")
         self.data, self.sampler = data, sampler
         self.start, self.stop, self.B, self.b = int(start), int(stop), int(global_batch), int(global_batch) // world
-        self.rank, self.pin = int(rank), bool(pin)
-        self.q: queue.Queue = queue.Queue(maxsize=max(1, int(prefetch)))
-        self._halt = threading.Event()
-        self.thread = threading.Thread(target=self._produce, name="batch-stream", daemon=True)
-        self.thread.start()
+        self.rank, self.pin, self.prefetch = int(rank), bool(pin), max(1, int(prefetch))
+        self.pool = ThreadPoolExecutor(max(1, int(workers)), thread_name_prefix="batch-stream")
+        self._lock = threading.Lock()  # the sampler caches one epoch plan: plans are drawn under the lock
 
     def make(self, it: int):
         pos = it * self.B + self.rank * self.b
-        idx, msk, flp = self.sampler.take(pos, self.b)
-        x = torch.from_numpy(self.data.gather(idx, msk))
-        y = torch.from_numpy(self.data.labels[idx])
-        f = torch.from_numpy(flp)
+        with self._lock:
+            idx, msk, flp = self.sampler.take(pos, self.b)
         if self.pin:
-            x, y, f = x.pin_memory(), y.pin_memory(), f.pin_memory()
+            x = torch.empty((self.b,) + CROP_SHAPE, dtype=torch.uint8, pin_memory=True)
+            self.data.gather(idx, msk, out=x.numpy())
+            y = torch.from_numpy(self.data.labels[idx]).pin_memory()
+            f = torch.from_numpy(flp).pin_memory()
+        else:
+            x = torch.from_numpy(self.data.gather(idx, msk))
+            y = torch.from_numpy(self.data.labels[idx])
+            f = torch.from_numpy(flp)
         return it, x, y, f, int(msk.sum())
 
-    def _produce(self) -> None:
-        try:
-            for it in range(self.start, self.stop):
-                item = self.make(it)
-                while not self._halt.is_set():
-                    try:
-                        self.q.put(item, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if self._halt.is_set():
-                    return
-        except BaseException as exc:  # surfaced in the consumer
-            self.q.put(exc)
-            return
-        self.q.put(None)
-
     def __iter__(self):
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        pending: collections.deque = collections.deque()
+        nxt = self.start
+        try:
+            while nxt < self.stop and len(pending) < self.prefetch:
+                pending.append(self.pool.submit(self.make, nxt))
+                nxt += 1
+            while pending:
+                item = pending.popleft().result()
+                if nxt < self.stop:
+                    pending.append(self.pool.submit(self.make, nxt))
+                    nxt += 1
+                yield item
+        finally:
+            for fut in pending:
+                fut.cancel()
 
     def close(self) -> None:
-        self._halt.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------- loop
@@ -429,7 +431,9 @@ class TrainModule(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, iteration: int) -> torch.Tensor:
         dev = x.device.type
-        with torch.autocast(dev, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        if self.amp_dtype is None:
+            return self.head(self._net_fwd(x).float(), labels, iteration)
+        with torch.autocast(dev, dtype=self.amp_dtype):
             feat = self._net_fwd(x)
         with torch.autocast(dev, enabled=False):
             return self.head(feat.float(), labels, iteration)
@@ -628,7 +632,7 @@ def train_run(spec: Mapping[str, Any], out_dir: str | os.PathLike, *, stop_after
     sampler = StreamSampler(len(data), seed, cfg["mask_fraction"], data.has_masked, cfg["flip"])
     stop = iterations if stop_after is None else min(iterations, int(stop_after))
     stream = BatchStream(data, sampler, start, stop, int(cfg["batch_size"]), rank, world,
-                         cfg["prefetch"], pin=device.type == "cuda")
+                         cfg["prefetch"], pin=device.type == "cuda", workers=cfg["loader_threads"])
     log_every, ckpt_every = int(cfg["log_every"]), int(cfg["checkpoint_every"])
     module.train()
     win_loss = torch.zeros((), device=device, dtype=torch.float64)
