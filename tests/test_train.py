@@ -237,6 +237,27 @@ def test_resume_after_sigkill(syn, tmp_path):
     _assert_same_run(ref, run)
 
 
+@pytest.mark.slow
+def test_torchrun_ddp_matches_one_process(syn, tmp_path):
+    """2 processes (gloo on CPU), each half of the global batch: the same weights as one process, up to float
+    summation order."""
+    spec = _spec(syn, iterations=4, batch_size=8, mask_fraction=0.5, threads=1, log_every=2)
+    train_run(spec, tmp_path / "one")
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "ddp" / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "maskface.train", "run", "--spec", str(tmp_path / "ddp" / "spec.json")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _weights(tmp_path / "one" / "model.pt"), _weights(tmp_path / "ddp" / "model.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    la, lb = pd.read_csv(tmp_path / "one" / "train_log.csv"), pd.read_csv(tmp_path / "ddp" / "train_log.csv")
+    np.testing.assert_allclose(la["loss"], lb["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(la["masked_share"], lb["masked_share"])
+
+
 def test_other_spec_starts_over(syn, tmp_path):
     spec = _spec(syn)
     train_run(spec, tmp_path / "r", stop_after=3)

@@ -451,18 +451,22 @@ def param_groups(module: nn.Module, cfg: Mapping[str, Any]) -> list[dict]:
 def spec_digest(spec: Mapping[str, Any]) -> str:
     """Digest of what determines the result (the train keys less NON_SEMANTIC, the data, fold, seed)."""
     train = {k: v for k, v in merged(spec.get("train")).items() if k not in NON_SEMANTIC}
-    data = []
-    for s in spec.get("sources", []):
-        entry = {"dataset": s["dataset"]}
-        for key in ("manifest", "clean", "masked"):
-            paths = s.get(key)
-            if isinstance(paths, (str, os.PathLike)):
-                paths = [paths]
-            entry[key] = [_file_id(p) for p in paths] if paths else None
-        data.append(entry)
+    data = [{"dataset": s["dataset"], **{k: _ident(s.get(k)) for k in ("manifest", "clean", "masked")}}
+            for s in spec.get("sources", [])]
     core = {"train": train, "data": data, "fold": spec.get("fold"), "seed": spec.get("seed"),
-            "exclude_fold": spec.get("exclude_fold"), "pairs": _file_id(spec["pairs"]) if spec.get("pairs") else None}
+            "exclude_fold": spec.get("exclude_fold"), "pairs": _ident(spec.get("pairs"))}
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _ident(obj):
+    """What identifies a data input in the digest: files by :func:`_file_id`, frames by content."""
+    if obj is None:
+        return None
+    if isinstance(obj, pd.DataFrame):
+        return "frame:" + hashlib.sha256(pd.util.hash_pandas_object(obj, index=False).values.tobytes()).hexdigest()[:16]
+    if isinstance(obj, (str, os.PathLike)):
+        return _file_id(obj)
+    return [_ident(o) for o in obj]
 
 
 def _file_id(path) -> str:

@@ -31,8 +31,8 @@ def _train_datasets():
 def _train_shards(dataset, variant):
     if variant == "clean":
         return [f"{RESULTS}/aligned/{dataset}/shard-{s}.parquet" for s in range(config["align"]["shards"])]
-    n = (config.get("mask") or {}).get("shards", config["align"]["shards"])
-    return [f"{RESULTS}/masked/{dataset}/shard-{s}.parquet" for s in range(n)]
+    # the mask stage writes one masked shard per aligned shard (same numbers)
+    return [f"{RESULTS}/masked/{dataset}/shard-{s}.parquet" for s in range(config["align"]["shards"])]
 
 
 def _train_cache(dataset, variant):
@@ -163,11 +163,14 @@ rule train_all:
 
 
 def _train_targets():
-    produced = {str(o) for r in workflow.rules for o in r.output}
-    needs = [f"{RESULTS}/aligned/{{dataset}}/shard-{{shard}}.parquet"]
-    if TRAIN_MASKED_FOR_TRAINING or (TRAIN_LFW and TRAIN["eval_masked"]):
-        needs.append(f"{RESULTS}/masked/{{dataset}}/shard-{{shard}}.parquet")
-    if not TRAIN_RUNS or not _train_datasets() or not all(n in produced for n in needs):
+    # output patterns carry their wildcard constraints ({dataset,...}): match the fixed parts only
+    produced = [str(o) for r in workflow.rules for o in r.output]
+
+    def made(stage):
+        return any(o.startswith(f"{RESULTS}/{stage}/") and "/shard-" in o and o.endswith(".parquet") for o in produced)
+
+    needs = ["aligned"] + (["masked"] if TRAIN_MASKED_FOR_TRAINING or (TRAIN_LFW and TRAIN["eval_masked"]) else [])
+    if not TRAIN_RUNS or not _train_datasets() or not all(made(n) for n in needs):
         return []
     return list(rules.train_all.input)
 
