@@ -514,7 +514,7 @@ def plot_roc(curves: Mapping[str, tuple], path: str | os.PathLike, title: str = 
         ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{label} (AUC {auc(fpr, tpr):.4f})")
     ax.set_xscale("log")
     ax.set_xlim(1e-4, 1.0)
-    ax.set_ylim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.01)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")
     ax.grid(True, which="both", alpha=0.3)

@@ -8,7 +8,9 @@
     convention dlib's predictor was trained on (its HOG detector's boxes: see :data:`MTCNN_TO_DLIB`); an image
     without a detection gets a centred fallback box (:func:`center_box`), never a dropped pair.
     Evaluation defaults: Euclidean distance, no mean subtraction (the descriptor is metric-learned for
-    Euclidean distance, threshold 0.6).
+    Euclidean distance, threshold 0.6). ``flip=True`` averages the descriptors of the chip and of its mirror
+    image (SphereFace's flip trick, "sum" fusion; twice the cost); ``num_jitters`` is dlib's own averaging
+    over randomly jittered copies (0 or 1: none).
 
 ``sphereface`` (:class:`SphereFaceEmbedder`)
     A checkpoint of the training stage on the 112x96 aligned crops (never re-aligned: a reproduction trap).
@@ -148,7 +150,7 @@ class DlibResnetEmbedder(Embedder):
 
     def __init__(self, num_jitters: int = 0, chip_size: int = 150, padding: float = 0.25,
                  box_mapping: Optional[Sequence[float]] = MTCNN_TO_DLIB, batch_size: int = 64,
-                 eval_settings: Optional[Mapping[str, Any]] = None):
+                 flip: bool = False, eval_settings: Optional[Mapping[str, Any]] = None):
         import dlib
 
         from .resources import dlib_model_path
@@ -161,6 +163,7 @@ class DlibResnetEmbedder(Embedder):
         self.padding = float(padding)
         self.box_mapping = tuple(box_mapping) if box_mapping is not None else None
         self.batch_size = int(batch_size)
+        self.flip = bool(flip)
         self.dim = 128
         self.eval_settings = ProtocolSettings.from_dict(
             eval_settings or {"mean_subtraction": False, "metric": "euclidean"})
@@ -183,19 +186,28 @@ class DlibResnetEmbedder(Embedder):
         out = np.zeros((len(faces), self.dim), dtype=np.float32)
         for s in range(0, len(faces), self.batch_size):
             chips = [self.chip(f) for f in faces[s:s + self.batch_size]]
-            if self.chip_size == 150:
-                desc = self.model.compute_face_descriptor(chips, self.num_jitters)
-            else:  # the network wants 150x150 chips
+            if self.chip_size != 150:  # the network wants 150x150 chips
                 import cv2
 
                 chips = [cv2.resize(c, (150, 150), interpolation=cv2.INTER_LINEAR) for c in chips]
-                desc = self.model.compute_face_descriptor(chips, self.num_jitters)
-            out[s:s + len(chips)] = np.asarray([np.asarray(d) for d in desc], dtype=np.float32)
+            out[s:s + len(chips)] = self.describe_chips(chips)
         return out
+
+    def describe_chips(self, chips: Sequence[np.ndarray]) -> np.ndarray:
+        """Descriptors of 150x150 chips; with ``flip`` the mean of the chip's and its mirror image's."""
+        desc = self.describe_chips_raw(chips)
+        if self.flip:
+            mirrored = [np.ascontiguousarray(c[:, ::-1]) for c in chips]
+            desc = (desc + self.describe_chips_raw(mirrored)) / 2.0
+        return desc
+
+    def describe_chips_raw(self, chips: Sequence[np.ndarray]) -> np.ndarray:
+        return np.asarray([np.asarray(d) for d in self.model.compute_face_descriptor(list(chips), self.num_jitters)],
+                          dtype=np.float32)
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(num_jitters=self.num_jitters, chip_size=self.chip_size, padding=self.padding,
+        d.update(num_jitters=self.num_jitters, flip=self.flip, chip_size=self.chip_size, padding=self.padding,
                  box_mapping=list(self.box_mapping) if self.box_mapping else None,
                  model="dlib_face_recognition_resnet_model_v1.dat", predictor="shape_predictor_5_face_landmarks.dat")
         return d
