@@ -564,7 +564,10 @@ def evaluate_lfw_features(features: FeatureTable, pairs: pd.DataFrame, settings:
 
 def settings_label(s: ProtocolSettings | Mapping[str, Any]) -> str:
     d = s.to_dict() if isinstance(s, ProtocolSettings) else dict(s)
-    return f"{d.get('metric', 'cosine')}, mean subtraction {'on' if d.get('mean_subtraction', True) else 'off'}"
+    metric = d.get("metric", "cosine")
+    if metric == "euclidean" and d.get("normalize"):
+        metric = "euclidean (L2-normalised)"
+    return f"{metric}, mean subtraction {'on' if d.get('mean_subtraction', True) else 'off'}"
 
 
 _RUN_SUFFIX = re.compile(r"[-_.]?run[-_]?\d+$")
