@@ -125,7 +125,7 @@ def make_embedder(name: str, **kwargs) -> Embedder:
 # MTCNN's (MTCNN's include the forehead). Measured on 400 deep-funneled LFW images found by both, the HOG box
 # in units of the MTCNN box (x from its left edge / width, y from its top / height) is on average
 # x1 -0.096, y1 0.116, x2 1.042, y2 0.969. On 301 further images, the predictor's 5 points from the converted
-# box differ from those it gives on dlib's own box by 0.8% of the eye-to-nose distance on average (median 0.3%);
+# box differ from those it gives on dlib's own box by 0.8% of the outer eye-corner distance on average (median 0.3%);
 # from the raw MTCNN box by 1.5% (median 0.9%).
 MTCNN_TO_DLIB = (-0.096, 0.116, 1.042, 0.969)
 
