@@ -1,0 +1,12 @@
+"""Rule demo_test_video: the LFW test video, its gallery and ground truth (maskface.testvideo)."""
+import json
+
+from maskface.testvideo import VideoSpec, build_test_video
+from maskface.smk import logged
+
+with logged(snakemake) as log:
+    record = json.load(open(snakemake.input.json))
+    spec = VideoSpec.from_mapping(dict(snakemake.params.spec))
+    out = snakemake.output.spec.rsplit("/", 1)[0]
+    doc = build_test_video(record["images_root"], out, spec)
+    log.info("counts: %s; masks: %s %s", doc["counts"], doc["masks_available"], doc["masks_reason"])
