@@ -319,6 +319,7 @@ def test_evaluate_fold_and_summary(syn, tmp_path):
     for p in res["protocols"].values():
         assert p["n_pairs"] == 6 and 0.0 <= p["accuracy"] <= 1.0
     assert res["protocols"]["masked"]["n_missing"] == 1  # P0_0001 has no masked crop
+    assert 0.0 <= res["protocols"]["masked"]["accuracy_available_pairs"] <= 1.0
     s = summarize_evals([res, res])
     assert s["protocols"]["clean"]["n"] == 2 and s["protocols"]["clean"]["std"] == 0.0
 

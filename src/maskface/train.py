@@ -785,7 +785,9 @@ def evaluate_fold(model_path: str | os.PathLike, pairs: pd.DataFrame, fold: int,
            "settings": settings.to_dict(), "feature": "concat(f(x), f(flip x)), RGB, (p-127.5)/128",
            "protocols": {},
            "note": ("fold accuracy with the threshold chosen on the other nine folds' pairs scored by the same model "
-                    "(those folds' people were training identities); seen_folds_mean is NOT a 10-fold result")}
+                    "(those folds' people were training identities); seen_folds_mean is NOT a 10-fold result; a pair "
+                    "whose image has no crop of the variant (e.g. mask skipped) counts as an error in accuracy and is "
+                    "left out of accuracy_available_pairs")}
     for name, (va, vb) in {"clean": ("clean", "clean"), "mixed": ("clean", "masked"),
                            "masked": ("masked", "masked")}.items():
         if va not in feats or vb not in feats:
@@ -796,7 +798,12 @@ def evaluate_fold(model_path: str | os.PathLike, pairs: pd.DataFrame, fold: int,
         k = r["folds"].index(int(fold))
         others = [a for j, a in enumerate(r["fold_accuracy"]) if j != k]
         in_fold = (pairs["fold"] == fold).to_numpy()
-        res["protocols"][name] = {"accuracy": r["fold_accuracy"][k], "threshold": r["threshold"][k],
+        sc, sm = np.asarray(r["scores"])[in_fold], pairs["same"].to_numpy(bool)[in_fold]
+        ok = ~np.isnan(sc)
+        thr = r["threshold"][k]
+        res["protocols"][name] = {"accuracy": r["fold_accuracy"][k], "threshold": thr,
+                                  "accuracy_available_pairs": float(np.mean(np.where(sm[ok], sc[ok] > thr, sc[ok] < thr)))
+                                  if ok.any() else float("nan"),
                                   "n_pairs": int(in_fold.sum()),
                                   "n_missing": int((np.isnan(fa).any(1) | np.isnan(fb).any(1))[in_fold].sum()),
                                   "seen_folds_mean": float(np.mean(others))}
