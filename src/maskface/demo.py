@@ -49,8 +49,9 @@ Open-set metrics against a ground truth (:func:`open_set_metrics`; the test vide
 * detection-and-identification rate (DIR): share of gallery-person faces that are detected (IoU >= 0.3
   with the true box) and labelled with the right name (best identity right and score >= threshold);
 * false-alarm rate (FAR): share of unknown-person faces that are detected and accepted as someone;
-* also the detection rate, misidentifications (a gallery person accepted as another), detections matching
-  no true face, a threshold sweep, and appearance-level rates (majority of an appearance's frames).
+* also the detection rate, rank-1 (detected with the right best identity, whatever the score: DIR without
+  the threshold), misidentifications (a gallery person accepted as another), detections matching no true
+  face, a threshold sweep, and appearance-level rates (majority of an appearance's frames).
 """
 from __future__ import annotations
 
@@ -674,12 +675,14 @@ def _rates(m: pd.DataFrame, t: float) -> dict:
     known, unk = m[m["known"]], m[~m["known"]]
     det_k = known["det_index"] >= 0
     acc_k = det_k & (known["score"] >= t)
-    right = acc_k & (known["best_identity"] == known["identity"])
+    rank1 = det_k & (known["best_identity"] == known["identity"])
+    right = acc_k & rank1
     det_u = unk["det_index"] >= 0
     fa = det_u & (unk["score"] >= t)
     nk, nu = len(known), len(unk)
     return {
         "known_faces": nk, "dir": float(right.mean()) if nk else None,
+        "rank1": float(rank1.mean()) if nk else None,
         "known_detected": float(det_k.mean()) if nk else None,
         "misidentified": float((acc_k & ~right).mean()) if nk else None,
         "known_rejected": float((det_k & ~acc_k).mean()) if nk else None,
@@ -724,11 +727,13 @@ def open_set_metrics(det: pd.DataFrame, gt: pd.DataFrame, threshold: float, *, i
 def metrics_markdown(res: Mapping[str, Any]) -> str:
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     lines = [f"Open-set results at cosine threshold {res['threshold']:.4f} (IoU >= {res['iou_min']}):", "",
-             "| probes | gallery-person faces | DIR | detected | misidentified | unknown faces | FAR | "
-             "appearance DIR | appearance FAR |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| probes | gallery-person faces | DIR | detected | rank-1 (no threshold) | misidentified | "
+             "unknown faces | FAR | appearance DIR | appearance FAR |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k, r in res["at_threshold"].items():
         a = res["appearances"].get(k, {})
         lines.append(f"| {k} | {r['known_faces']} | {pct(r['dir'])} | {pct(r['known_detected'])} | "
+                     f"{pct(r['rank1'])} | "
                      f"{pct(r['misidentified'])} | {r['unknown_faces']} | {pct(r['far'])} | {pct(a.get('dir'))} | "
                      f"{pct(a.get('far'))} |")
     lines.append("")

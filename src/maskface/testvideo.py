@@ -240,18 +240,21 @@ def plan_appearances(spec: VideoSpec, people: Mapping[str, list[str]], rng: np.r
     apps.sort(key=lambda a: (a["f0"], a["lane"]))
     # persons: cycle through the gallery people / unknowns in order of appearance, masks alternate
     counts = {True: 0, False: 0}
-    mask_quota = {True: 0, False: 0}
+    seen: dict[str, int] = {}
+    f = spec.masked_fraction if masks_on else 0.0
     for i, a in enumerate(apps):
         pool = known if a["known"] else unknown
         n = counts[a["known"]]
-        a["identity"] = pool[n % len(pool)]
+        j = n % len(pool)
+        a["identity"] = pool[j]
         a["round"] = n // len(pool)
         counts[a["known"]] += 1
-        # masked by quota within known / unknown, offset by the round so each person is seen both ways
-        want = masks_on and (mask_quota[a["known"]] + 1) <= spec.masked_fraction * counts[a["known"]] + 1e-9
-        a["masked"] = bool(want)
-        if want:
-            mask_quota[a["known"]] += 1
+        # masks per person, spread evenly over their appearances (a Bresenham sequence at the rate f, shifted
+        # by the person's index so that people do not all start the same way): with f = 0.5 every person
+        # alternates, so each is seen both masked and clean
+        k = seen.get(a["identity"], 0) + 1
+        seen[a["identity"]] = k
+        a["masked"] = bool(math.floor(f * (k + j) + 1e-9) > math.floor(f * (k - 1 + j) + 1e-9))
         a["appearance"] = i
     return known, unknown, gallery, apps
 
@@ -291,7 +294,10 @@ def build_test_video(images_root: str | os.PathLike, out_dir: str | os.PathLike,
     used: dict[str, int] = {p: 0 for p in queues}
     box_cache: dict[str, Optional[np.ndarray]] = {}
 
-    def next_source(person: str, masked: bool, seed: int) -> _Source:
+    unmaskable: set[str] = set()
+
+    def next_source(person: str, masked: bool, seed: int) -> Optional[_Source]:
+        """The person's next photograph with a detectable (and, if masked, maskable) face, or None."""
         q = queues[person]
         for _ in range(len(q)):
             image_id = q[used[person] % len(q)]
@@ -300,22 +306,40 @@ def build_test_video(images_root: str | os.PathLike, out_dir: str | os.PathLike,
                 rgb = load_rgb(root / image_id)
                 box_cache[image_id] = _detect_box(detector, rgb)
             box = box_cache[image_id]
-            if box is None:
+            if box is None or (masked and image_id in unmaskable):
                 continue
             rgb = load_rgb(root / image_id)
             if masked:
                 try:
                     rgb = masker(rgb, seed, image_id)
-                except MaskFailed as exc:   # the mask stage found no face to mask here: take another photo
+                except MaskFailed as exc:   # the mask stage cannot mask this one: take another photo
                     log.info("test video: %s", exc)
+                    unmaskable.add(image_id)
                     continue
             return _Source(image_id, rgb, box)
-        raise ValueError(f"no photograph of {person} with a detectable{' and maskable' if masked else ''} face "
-                         f"(besides the gallery's)")
+        return None
 
     lane_w = spec.width // spec.lanes
     for a in apps:
-        src = next_source(a["identity"], a["masked"], spec.seed * 100003 + a["appearance"])
+        seed = spec.seed * 100003 + a["appearance"]
+        pool = known if a["known"] else unknown
+        # the planned person; if none of their photographs can be masked, the next person of the same
+        # pool who can; if nobody can, the planned person unmasked (recorded as such)
+        i = pool.index(a["identity"])
+        order = pool[i:] + pool[:i]
+        src = None
+        for person in order if a["masked"] else order[:1]:
+            src = next_source(person, a["masked"], seed)
+            if src is not None:
+                a["identity"] = person
+                break
+        if src is None and a["masked"]:
+            log.warning("test video: appearance %d: nobody in the %s pool has a maskable photograph left; shown "
+                        "unmasked", a["appearance"], "gallery" if a["known"] else "unknown")
+            a["masked"] = False
+            src = next_source(a["identity"], False, seed)
+        if src is None:
+            raise ValueError(f"no photograph of {a['identity']} with a detectable face (besides the gallery's)")
         a["image_id"] = src.image_id
         a["_src"] = src
         s0 = spec.tile * (1 + rng.uniform(-spec.zoom, spec.zoom))
