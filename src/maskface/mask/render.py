@@ -140,14 +140,16 @@ TYPE_GEOM = {
 }
 
 # apex between two landmarks (fraction), corner jaw index, extra drop under the chin (D), the landmarks the
-# top edge must stay below (one polyline, ordered across the face) and by how much (D)
+# top edge must stay below (polylines: each lower eyelid; the nostrils; the lower lip) and by how much (D),
+# and for nose_out the upper lip it must stay above (a smile lifts the mouth corners)
 WEAR_GEOM = {
     "proper": dict(apex=(27, 30, 0.40), c_top=1.0, chin_extra=0.0,
-                   keep_below=(36, 41, 40, 39, 42, 47, 46, 45), margin=0.10),
+                   keep_below=((36, 41, 40, 39), (42, 47, 46, 45)), margin=0.10),
     "nose_out": dict(apex=(33, 51, 0.45), c_top=2.6, chin_extra=0.05,
-                     keep_below=(31, 32, 33, 34, 35), margin=0.07),
+                     keep_below=((31, 32, 33, 34, 35),), margin=0.07,
+                     keep_above=((48, 49, 50, 51, 52, 53, 54),), margin_above=0.06),
     "chin": dict(apex=(57, 8, 0.30), c_top=4.4, chin_extra=0.22,
-                 keep_below=(48, 59, 58, 57, 56, 55, 54), margin=0.06),
+                 keep_below=((48, 59, 58, 57, 56, 55, 54),), margin=0.06),
 }
 
 _UNITS: dict[int, np.ndarray] = {}
@@ -259,6 +261,8 @@ def build_geometry(face: FaceFrame, mask_type: str, wear: str, jit: dict) -> Geo
     halves = _bern(n_half) @ np.concatenate(ctrl, axis=1)             # (n_half, 4): left xy, right xy
     top = np.concatenate([halves[:, :2], halves[-2::-1, 2:]])
     top = _keep_below(face, top, w["keep_below"], w["margin"] * D)
+    if "keep_above" in w:
+        top = _keep_below(face, top, w["keep_above"], w["margin_above"] * D, above=True)
     outline = np.concatenate([top, cont_r[-2:0:-1], cont_l[-1:0:-1]])
     bottom = np.concatenate([lo_l, lo_r[1:]])
     side_l[0], side_r[0] = top[0], top[-1]
@@ -271,22 +275,24 @@ def build_geometry(face: FaceFrame, mask_type: str, wear: str, jit: dict) -> Geo
 _MID_IDX = np.array([3.0, 8.0, 13.0])
 
 
-def _keep_below(face: FaceFrame, curve: np.ndarray, group, margin: float) -> np.ndarray:
-    """Push points of ``curve`` down (along ey) until they lie ``margin`` px below the polyline through the
-    landmarks ``group`` (eyelids, nostrils, lower lip), over the polyline's extent across the face
-    (+- 0.1 D)."""
+def _keep_below(face: FaceFrame, curve: np.ndarray, groups, margin: float, above: bool = False) -> np.ndarray:
+    """Push points of ``curve`` down (along ey) until they lie ``margin`` px below each polyline through the
+    landmarks of ``groups`` (lower eyelids, nostrils, lower lip), over that polyline's extent across the
+    face (+- 0.1 D). ``above``: push up instead, to ``margin`` px above the polylines (upper lip)."""
     uv = face.uv(curve)
-    gp = face.uv(face.lm[list(group)])
-    gp = gp[np.argsort(gp[:, 0])]
     ext = 0.1 * face.D
-    gu = np.concatenate([[gp[0, 0] - ext], gp[:, 0], [gp[-1, 0] + ext]])
-    gv = np.concatenate([[gp[0, 1]], gp[:, 1], [gp[-1, 1]]]) + margin
-    limit = np.interp(uv[:, 0], gu, gv, left=-np.inf, right=-np.inf)
-    low = uv[:, 1] < limit
-    if not low.any():
-        return curve
-    uv[:, 1] = np.maximum(uv[:, 1], limit)
-    return face.from_uv(uv)
+    moved = False
+    sgn = -1.0 if above else 1.0
+    for group in groups:
+        gp = face.uv(face.lm[list(group)])
+        gp = gp[np.argsort(gp[:, 0])]
+        gu = np.concatenate([[gp[0, 0] - ext], gp[:, 0], [gp[-1, 0] + ext]])
+        gv = sgn * (np.concatenate([[gp[0, 1]], gp[:, 1], [gp[-1, 1]]]) + sgn * margin)
+        limit = np.interp(uv[:, 0], gu, gv, left=-np.inf, right=-np.inf)
+        if (sgn * uv[:, 1] < limit).any():
+            uv[:, 1] = sgn * np.maximum(sgn * uv[:, 1], limit)
+            moved = True
+    return face.from_uv(uv) if moved else curve
 
 
 # --------------------------------------------------------------------------------------- accessories

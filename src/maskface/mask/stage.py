@@ -13,8 +13,14 @@ Skips (``status == "skipped"``; ``skip`` holds the code, ``reason`` the numbers)
     may leave the image: on SphereFace crops the chin is below the crop in 99 % of faces);
     landmarks_disagree: on an aligned crop, the 68-point fit's eye centres, nose tip and mouth corners lie on
     average more than 0.3 of the template's eye-to-mouth distance from the template points (not the face
-    the aligner found, e.g. a centre-crop fallback without a face);
+    the aligner found);
+    no_face: a centre-crop fallback (aligned status ``center_crop``: the aligner found no face) on which
+    dlib's HOG detector finds no face either. Where it finds one, that box is used for the landmarks and
+    the template check is not applied (the face is not on the template). Rows with aligned status ``ok``
+    are trusted to hold the face the aligner found;
     bad_landmarks: implausible geometry (mouth not 0.5-2.5 D below the eyes);
+    pitch: the nose tip lies outside 12-88 % of the way from the eyes to the mouth (head tilted far back or
+    forward: dlib's nose landmarks collapse, a mask built on them would be wrong);
     yaw: the estimated head yaw exceeds ``max_yaw_deg``; mask_outside: nothing of the mask is in the image.
 """
 from __future__ import annotations
@@ -66,6 +72,11 @@ TEMPLATES = {
 }
 TEMPLATES["arcface_112x112"] = TEMPLATES["sphereface_112x96"] + np.array([8.0, 0.0])
 
+# Where the nose tip (30) may lie on the way from the eye midpoint to the mouth midpoint (median 0.50 on
+# LFW crops; outside this range the nose landmarks have collapsed towards the eyes or the mouth, which on
+# LFW happens for heads tilted far back (0.4 % of 1,695 faces): the landmark-built mask would be wrong).
+PITCH_TIP_RANGE = (0.12, 0.88)
+
 PAD_SHARE = 0.09        # edge-replicated border around the crop, share of the box side (see landmark_crops)
 
 
@@ -96,6 +107,11 @@ class MaskConfig:
     landmarks: str = "ert"
     threads: int = 1
     batch: int = 128
+
+    def __post_init__(self):
+        # weights in name order, however the config was built (the draw order depends on it)
+        for k in ("types", "colors", "textures", "wear"):
+            object.__setattr__(self, k, tuple(sorted((str(n), float(w)) for n, w in dict(getattr(self, k)).items())))
 
     @classmethod
     def from_mapping(cls, cfg: Optional[Mapping[str, Any]] = None, **overrides: Any) -> "MaskConfig":
@@ -275,6 +291,13 @@ def face_checks(lm: np.ndarray, size_hw: tuple[int, int], cfg: MaskConfig,
     if not 0.5 * D <= mouth_v <= 2.5 * D:
         return rd.SkipFace("bad_landmarks", f"mouth {mouth_v / D:.2f} D below the eyes (0.5-2.5 expected)"), \
             float("nan")
+    eye_m = (eye_l + eye_r) / 2
+    em = (lm[48] + lm[54]) / 2 - eye_m
+    tip = float((lm[30] - eye_m) @ em) / max(float(em @ em), 1e-9)
+    if not PITCH_TIP_RANGE[0] <= tip <= PITCH_TIP_RANGE[1]:
+        return rd.SkipFace("pitch", f"nose tip at {tip:.2f} of the way from the eyes to the mouth (outside "
+                                    f"{PITCH_TIP_RANGE[0]:g}-{PITCH_TIP_RANGE[1]:g}): head tilted too far up "
+                                    f"or down for the 68-point fit"), float("nan")
     if template5 is not None:
         t = np.asarray(template5, np.float64)
         p5 = np.stack([eye_l, eye_r, lm[30], lm[48], lm[54]])
@@ -412,7 +435,12 @@ def process_items(items: Sequence[Mapping[str, Any]], cfg: MaskConfig, *, progre
                 bar.update(len(ch))
         else:
             import multiprocessing as mp
-            ctx = mp.get_context("spawn")      # torch (leaf sums) + fork is unsafe once its pools exist
+            # fork while torch is not loaded in this process (its thread pools do not survive a fork);
+            # spawn otherwise, which re-imports the main module: scripts must guard their entry point
+            method = "spawn" if "torch" in sys.modules or os.name != "posix" else "fork"
+            ctx = mp.get_context(method)
+            if method == "fork":
+                landmarker(cfg.landmarks)      # load the model once, shared copy-on-write
             with ctx.Pool(min(cfg.threads, len(chunks)), initializer=limit_threads) as pool:
                 for recs in pool.imap(_process_chunk_star, [(ch, cfg, force) for ch in chunks]):
                     out.extend(recs)
@@ -468,14 +496,54 @@ def _process_chunk(items: Sequence[Mapping[str, Any]], cfg: MaskConfig, force: M
             continue
         t5 = template_points(template, (h, w))
         box = lmk.face_box_from_points5(t5)
-        lms = landmark_crops(np.stack([c for _, c in group]), box, cfg)
-        for (rec, crop), lm in zip(group, lms):
+        aligned = [(rec, crop) for rec, crop in group if rec["aligned_status"] == "ok"]
+        jobs = []
+        if aligned:
+            lms = landmark_crops(np.stack([c for _, c in aligned]), box, cfg)
+            jobs += [(rec, crop, lm, t5) for (rec, crop), lm in zip(aligned, lms)]
+        for rec, crop in group:                  # centre-crop fallbacks: no face was detected there
+            if rec["aligned_status"] == "ok":
+                continue
+            found = hog_face_box(crop, box)
+            if found is None:
+                rec.update(status="skipped", skip="no_face",
+                           reason="the aligner found no face (centre-crop fallback) and dlib's HOG detector "
+                                  "finds none on the crop: no mask drawn")
+                continue
+            jobs.append((rec, crop, landmark_crops(crop[None], found, cfg)[0], None))
+        for rec, crop, lm, tpl in jobs:
             try:
-                mask_one(crop, lm, rec["image_id"], cfg, rec, template5=t5, **force)
+                mask_one(crop, lm, rec["image_id"], cfg, rec, template5=tpl, **force)
             except Exception as exc:  # noqa: BLE001 - one bad image never stops the stage
                 log.warning("mask failed on %s", rec["image_id"], exc_info=True)
                 rec.update(status="error", reason=f"{type(exc).__name__}: {exc}", png=None, occlusion=None)
     return recs
+
+
+_HOG = None
+
+
+def hog_face_box(crop: np.ndarray, expected: np.ndarray, pad: int = 16) -> Optional[np.ndarray]:
+    """dlib's HOG frontal-face box on a crop (edge-replicated border of ``pad`` px, no upsampling), the one
+    overlapping ``expected`` most, or None. Used only on centre-crop fallbacks, where the aligner found no
+    face: measured on 300 MTCNN-aligned LFW crops it finds 99 % of faces (IoU > 0.3 with the template box)
+    in ~4 ms, and nothing on 50 noise images."""
+    global _HOG
+    if _HOG is None:
+        import dlib
+        _HOG = dlib.get_frontal_face_detector()
+    g = cv2.copyMakeBorder(lmk.intensity(crop), pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    rects = _HOG(g, 0)
+    if not len(rects):
+        return None
+    boxes = np.array([[r.left(), r.top(), r.right(), r.bottom()] for r in rects], np.float64) - pad
+    e = np.asarray(expected, np.float64)
+    ix = np.clip(np.minimum(boxes[:, 2], e[2]) - np.maximum(boxes[:, 0], e[0]), 0, None)
+    iy = np.clip(np.minimum(boxes[:, 3], e[3]) - np.maximum(boxes[:, 1], e[1]), 0, None)
+    inter = ix * iy
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    iou = inter / (area + (e[2] - e[0]) * (e[3] - e[1]) - inter)
+    return boxes[int(np.argmax(iou))] if iou.max() > 0 else boxes[int(np.argmax(area))]
 
 
 # --------------------------------------------------------------------------------------- shards, merge
@@ -503,7 +571,7 @@ def write_table(table: pa.Table, path: str | os.PathLike, prov: Optional[Mapping
     from ..manifest import PROVENANCE_KEY
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(table.schema.metadata or {})
+    meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
     if prov is not None:
         meta[PROVENANCE_KEY] = json.dumps(prov, sort_keys=True, default=str).encode()
     table = table.replace_schema_metadata(meta)
