@@ -8,8 +8,20 @@ import re
 
 EVAL = config.get("evaluate", {})
 EVAL_MODELS = sorted(EVAL.get("models", {}))
-# Variants with features; the mask stage adds "masked" (results/masked/...) and the mixed/masked protocols follow.
-EVAL_VARIANTS = ["clean"]
+
+
+def _makes(prefix, suffix):
+    """Whether some rule's output pattern starts and ends so (patterns carry wildcard constraints: {dataset,lfw})."""
+    return any(str(o).startswith(prefix) and str(o).endswith(suffix) for r in workflow.rules for o in r.output)
+
+
+def _variants(model):
+    """clean always; masked for embedders of aligned crops once the mask stage (results/masked/...) exists: the
+    mixed and masked protocols follow. dlib-resnet reads source images, which the mask stage does not make."""
+    src = _model_cfg(_features_model(model))
+    if src["embedder"] == "sphereface" and _makes(f"{RESULTS}/masked/", ".parquet"):
+        return ["clean", "masked"]
+    return ["clean"]
 
 
 wildcard_constraints:
@@ -35,7 +47,8 @@ def _extract_inputs(wc):
     if dataset_cfg(wc.dataset)["format"] == "lfw" and EVAL.get("lfw_images", "pairs") == "pairs":
         inp["pairs"] = pairs_manifest(wc.dataset)
     if mcfg["embedder"] == "sphereface":
-        inp["shards"] = _aligned_shards(wc.dataset)
+        inp["shards"] = (_aligned_shards(wc.dataset) if wc.variant == "clean" else
+                         [f"{RESULTS}/masked/{wc.dataset}/shard-{s}.parquet" for s in range(config["align"]["shards"])])
         inp["checkpoint"] = mcfg["checkpoint"]
     return inp
 
@@ -72,7 +85,7 @@ def _features_model(model):
 
 def _evaluate_inputs(wc):
     src = _features_model(wc.model)
-    inp = {"features": [f"{RESULTS}/features/{src}/{wc.dataset}/{v}.parquet" for v in EVAL_VARIANTS]}
+    inp = {"features": [f"{RESULTS}/features/{src}/{wc.dataset}/{v}.parquet" for v in _variants(wc.model)]}
     if dataset_cfg(wc.dataset)["format"] == "lfw":
         inp["pairs"] = pairs_manifest(wc.dataset)
     return inp
@@ -124,10 +137,7 @@ rule evaluate:
 
 
 def _evaluate_targets():
-    # output patterns carry their wildcard constraints ({dataset,lfw}): match the fixed parts only
-    produced = [str(o) for r in workflow.rules for o in r.output]
-    if not EVAL_MODELS or not any(o.startswith(f"{RESULTS}/manifests/") and o.endswith("/aligned.parquet")
-                                  for o in produced):
+    if not EVAL_MODELS or not _makes(f"{RESULTS}/manifests/", "/aligned.parquet"):
         return []
     return list(rules.evaluate.input)
 

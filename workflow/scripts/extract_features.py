@@ -51,7 +51,7 @@ with logged(snakemake) as log:
         def load(i):
             return FaceInput(load_rgb(f"{record['images_root']}/{i}"), bbox[i])
     else:
-        crops = {}
+        crops = {}  # clean: stage-1 crops; masked: the mask stage's crops (png null where a face was not masked)
         for path in snakemake.input.shards:
             t = pq.read_table(path, columns=["image_id", "png"]).to_pandas()
             t = t[t["image_id"].isin(set(ids)) & t["png"].notna()]
@@ -64,6 +64,11 @@ with logged(snakemake) as log:
     def progress(done, total):
         log.info("%d/%d faces, %.1f/s", done, total, done / max(time.time() - t0, 1e-9))
 
+    if emb.input_kind == "aligned":
+        lacking = [i for i in ids if i not in crops]
+        if lacking:  # e.g. faces the mask stage skipped: no feature, the protocol counts their pairs as errors
+            log.warning("%d of %d images have no %s crop; they get no feature", len(lacking), len(ids), variant)
+            ids = [i for i in ids if i in crops]
     df = embed_all(emb, ids, load, variant, chunk=int(snakemake.params.chunk), progress=progress)
     log.info("%d features (%s): %s", len(df), emb.name, df["face"].value_counts().to_dict())
     prov = provenance("features", {"model": mcfg, "variant": variant}, [snakemake.input.aligned],
