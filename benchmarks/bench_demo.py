@@ -60,7 +60,8 @@ def main() -> int:
     cfg = D.DemoConfig(threshold=args.threshold, batch_size=args.batch_size)
     summary = D.run_demo(tv / "video.mp4", tv / "gallery", out / "run", cfg)
     det = pd.read_parquet(out / "run" / "detections.parquet")
-    res = D.open_set_metrics(det, pd.read_parquet(tv / "ground_truth.parquet"), summary["threshold"])
+    res = D.open_set_metrics(det, pd.read_parquet(tv / "ground_truth.parquet"), summary["threshold"],
+                             frames=summary["frames"])
     bench = {
         "video": {"frames": summary["frames"], "size": [summary["video"]["width"], summary["video"]["height"]],
                   "faces_true": doc["counts"], "masks_available": doc["masks_available"],

@@ -199,6 +199,8 @@ def test_open_set_metrics_by_hand():
     assert sweep[1.0]["all_dir"] == 0.0 and sweep[1.0]["all_far"] == 0.0
     assert r["appearances"]["all"]["known_appearances"] == 2
     assert "| clean |" in D.metrics_markdown(r)
+    first2 = D.open_set_metrics(det, gt, t, frames=2)["at_threshold"]["all"]   # a run cut after 2 frames
+    assert first2["known_faces"] == 2 and first2["unknown_faces"] == 2 and first2["dir"] == 0.5
 
 
 def test_test_video_plan_alternates_known_unknown_and_masks():

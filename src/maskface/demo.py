@@ -23,13 +23,17 @@ Scores and open-set labels
     For dlib-resnet, whose descriptor is metric-learned for Euclidean distance: on L2-normalised vectors
     ``d^2 = 2 - 2 cos``, so cosine and Euclidean rank identically and the threshold is stated as a cosine.
 
-Threshold
-    A number (cosine), or taken from the LFW evaluation at a chosen false accept rate
-    (:func:`threshold_at_far`): the cosine at which at most ``far`` of LFW view-2's impostor pairs (3,000)
+Threshold (:func:`resolve_threshold`)
+    A number (cosine), or taken from LFW at a chosen false accept rate ``far``, two ways:
+    :func:`threshold_at_far` -- the cosine at which at most ``far`` of LFW view-2's impostor pairs (3,000)
     are accepted, from the evaluation stage's features of the same model
-    (``results/features/{model}/{dataset}/clean.parquet``), L2-normalised without mean subtraction as here.
-    LFW's FAR is per comparison; in open set an unknown face is compared with every gallery identity, so its
-    false-alarm rate grows with the gallery size (about ``1 - (1 - far)^N`` for N independent identities).
+    (``results/features/{model}/{dataset}/clean.parquet``); or :func:`calibrate_on_lfw` -- every
+    cross-person pair of one photograph each of a seeded sample of LFW people (400 people: 79,800 impostor
+    pairs, finer than view-2 at 1e-3, minutes of CPU, no other stage needed). Both L2-normalise without mean
+    subtraction, as here. Without either, dlib-resnet uses :data:`DLIB_RESNET_THRESHOLD` (measured that way
+    at FAR 1e-3); other embedders must be given one. LFW's FAR is per comparison; in open set an unknown
+    face is compared with every gallery identity, so its false-alarm rate grows with the gallery size (about
+    ``1 - (1 - far)^N`` for N independent identities).
 
 Drawing
     Each known identity gets its own colour, stable across frames, runs and videos: the hue is taken from a
@@ -369,7 +373,7 @@ def draw_faces(bgr: np.ndarray, rows: Sequence[Mapping[str, Any]]) -> np.ndarray
         col = colour_for(name)
         x1, y1, x2, y2 = (int(round(v)) for v in (r["x1"], r["y1"], r["x2"], r["y2"]))
         cv2.rectangle(bgr, (x1, y1), (x2, y2), col, thick + (1 if name != UNKNOWN else 0), cv2.LINE_AA)
-        text = f"{display_name(name)} {r['score']:.2f}"
+        text = f"{display_name(name)} {r['score']:.3f}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         ty = y1 - 3 if y1 - th - base - 3 >= 0 else min(y2 + th + 3, h - base)
         tx = min(max(x1, 0), max(w - tw - 2, 0))
@@ -705,8 +709,11 @@ def _appearance_rates(m: pd.DataFrame, t: float) -> dict:
 
 
 def open_set_metrics(det: pd.DataFrame, gt: pd.DataFrame, threshold: float, *, iou_min: float = 0.3,
-                     sweep: Sequence[float] = SWEEP) -> dict:
-    """DIR / FAR (and more) at ``threshold`` for all, clean and masked probes; a threshold sweep."""
+                     sweep: Sequence[float] = SWEEP, frames: Optional[int] = None) -> dict:
+    """DIR / FAR (and more) at ``threshold`` for all, clean and masked probes; a threshold sweep.
+    ``frames``: only the first ``frames`` frames were processed (the ground truth of later ones is ignored)."""
+    if frames is not None:
+        gt = gt[gt["frame"] < frames]
     m = match_detections(det, gt, iou_min)
     subsets = {"all": m, "clean": m[~m["masked"]], "masked": m[m["masked"]]}
     matched = set(m.loc[m["det_index"] >= 0, "det_index"])
@@ -808,7 +815,8 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = replace(cfg, threshold=summary["threshold"])
         if args.ground_truth:
             det = pd.read_parquet(Path(args.output) / "detections.parquet")
-            res = open_set_metrics(det, pd.read_parquet(args.ground_truth), cfg.threshold)
+            res = open_set_metrics(det, pd.read_parquet(args.ground_truth), cfg.threshold,
+                                   frames=summary["frames"])
             from .manifest import write_json
             write_json(res, Path(args.output) / "metrics.json")
             md = metrics_markdown(res)

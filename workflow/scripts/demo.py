@@ -23,7 +23,7 @@ with logged(snakemake) as log:
                        threshold_source=source)
     if "gt" in snakemake.input.keys():
         det = pd.read_parquet(out / "detections.parquet")
-        res = open_set_metrics(det, pd.read_parquet(snakemake.input.gt), thr)
+        res = open_set_metrics(det, pd.read_parquet(snakemake.input.gt), thr, frames=summary["frames"])
         spec = json.load(open(Path(snakemake.input.gt).parent / "spec.json"))
         res.update(masks_available=spec["masks_available"], masks_reason=spec["masks_reason"],
                    fps=summary["fps"], threshold_source=source)
