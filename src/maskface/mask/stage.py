@@ -137,6 +137,14 @@ class MaskConfig:
                 "textures": dict(self.textures), "wear": dict(self.wear), "upscale": self.upscale,
                 "max_yaw_deg": self.max_yaw_deg, "min_eye_px": self.min_eye_px, "landmarks": self.landmarks}
 
+    def weights(self, key: str) -> dict:
+        """{name: weight} of types / colors / textures / wear (cached)."""
+        cache = self.__dict__.get("_weights")
+        if cache is None:
+            cache = {k: dict(getattr(self, k)) for k in ("types", "colors", "textures", "wear")}
+            object.__setattr__(self, "_weights", cache)
+        return cache[key]
+
     def digest(self) -> str:
         """Digest of everything that changes pixels except the seed (which is hashed on its own)."""
         d = self.__dict__.get("_digest")
@@ -183,13 +191,13 @@ def draw_style(rng: np.random.Generator, cfg: MaskConfig, mask_type: Optional[st
     Colours and textures are drawn from the config weights restricted to what the type is made of
     (``textures.TYPE_COLORS`` / ``TYPE_TEXTURES``); a forced value replaces a draw but the draw still
     happens, so the other choices do not move."""
-    t = _pick(rng, dict(cfg.types))
+    t = _pick(rng, cfg.weights("types"))
     t = mask_type or t
-    w = _pick(rng, dict(cfg.wear))
+    w = _pick(rng, cfg.weights("wear"))
     w = wear or w
-    c = _pick(rng, dict(cfg.colors), tx.TYPE_COLORS[t])
+    c = _pick(rng, cfg.weights("colors"), tx.TYPE_COLORS[t])
     c = color or c
-    x = _pick(rng, dict(cfg.textures), tx.TYPE_TEXTURES[t])
+    x = _pick(rng, cfg.weights("textures"), tx.TYPE_TEXTURES[t])
     x = texture or x
     u = iter(rng.random(32).tolist())         # every scalar parameter from one block of uniforms
 
