@@ -107,7 +107,7 @@ DEFAULTS: dict[str, Any] = {
              "lambda": {"base": 1000.0, "gamma": 0.12, "power": 1.0, "min": 5.0}},
     "iterations": 8000,
     "batch_size": 256,
-    "lr": 0.1,
+    "lr": 0.05,
     "lr_steps": [5000, 7000],
     "lr_gamma": 0.1,
     "momentum": 0.9,
