@@ -145,6 +145,16 @@ def test_threshold_at_far_accepts_at_most_far():
     assert (imp >= D.threshold_at_far_scores(imp, 0.5)).mean() == 0.5
 
 
+def test_built_in_threshold_only_for_the_settings_it_was_measured_with():
+    class Emb:
+        name, flip, num_jitters = "dlib-resnet", False, 0
+    assert D.resolve_threshold(None, Emb())[0] == D.DLIB_RESNET_THRESHOLD
+    assert D.resolve_threshold(0.5, Emb()) == (0.5, {"kind": "config"})
+    Emb.flip = True
+    with pytest.raises(D.DemoError, match="no threshold"):
+        D.resolve_threshold(None, Emb())
+
+
 def test_threshold_from_evaluation_features(tmp_path):
     from maskface.features import features_frame, write_features
     rng = np.random.default_rng(0)

@@ -487,11 +487,14 @@ def resolve_threshold(threshold: Optional[float], embedder, source: Optional[Map
     if threshold is not None:
         return float(threshold), dict(source or {"kind": "config"})
     name = getattr(embedder, "name", "")
-    if name in DEFAULT_THRESHOLDS:
+    # the measured value holds for the settings it was measured with only (no flip, no jitter)
+    plain_settings = not getattr(embedder, "flip", False) and not getattr(embedder, "num_jitters", 0)
+    if name in DEFAULT_THRESHOLDS and plain_settings:
         return DEFAULT_THRESHOLDS[name], {"kind": "built-in", "far": 1e-3,
                                           "note": f"{name} at LFW FAR 1e-3, measured by calibrate_on_lfw"}
-    raise DemoError(f"no threshold for embedder {name!r}: give one (cosine), or take it from LFW at a FAR "
-                    f"(maskface demo --lfw-features/--calibrate-lfw; Snakemake: demo.threshold null)")
+    raise DemoError(f"no threshold for embedder {name!r} with these settings: give one (cosine), or take it "
+                    f"from LFW at a FAR (maskface demo --lfw-features/--calibrate-lfw; Snakemake: "
+                    f"demo.threshold null)")
 
 
 # ----------------------------------------------------------------------------------------------- run
