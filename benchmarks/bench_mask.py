@@ -48,12 +48,17 @@ from maskface.mask import stage as S  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the faces
 
-def aligned_items(pattern: str, n: int) -> list[dict]:
+def aligned_items(pattern: str, n: int, order: str = "sha1") -> list[dict]:
+    """``n`` aligned crops (status ok): the first by sha1(image_id) (a fixed pseudo-random sample over
+    all people) or by image_id (alphabetical: the first few hundred people)."""
+    import hashlib
     paths = sorted(glob.glob(pattern))
     items = []
     for p in paths:
         items += [it for it in S.read_aligned_shard(p) if it["png"] is not None and it["status"] == "ok"]
-    items.sort(key=lambda it: it["image_id"])
+    key = (lambda it: hashlib.sha1(it["image_id"].encode()).hexdigest()) if order == "sha1" else \
+        (lambda it: it["image_id"])
+    items.sort(key=key)
     return items[:n]
 
 
@@ -249,13 +254,15 @@ def main(argv=None) -> int:
     ap.add_argument("--aligned", default=str(REPO / "results" / "aligned" / "lfw" / "shard-*.parquet"),
                     help="glob of aligned shards (default: this checkout's workflow output)")
     ap.add_argument("--n", type=int, default=1000, help="faces for the acceptance numbers")
+    ap.add_argument("--order", choices=["sha1", "image_id"], default="sha1",
+                    help="which n faces: first by sha1(image_id) (pseudo-random, default) or by image_id")
     ap.add_argument("--speed-n", type=int, default=300, help="faces for the timing")
     ap.add_argument("--skip-acceptance", action="store_true")
     ap.add_argument("--json", help="write all numbers here")
     args = ap.parse_args(argv)
     S.limit_threads()
-    items = aligned_items(args.aligned, args.n) if glob.glob(args.aligned) else []
-    src = f"aligned shards {args.aligned}"
+    items = aligned_items(args.aligned, args.n, args.order) if glob.glob(args.aligned) else []
+    src = f"aligned shards {args.aligned} (first {args.n} by {args.order})"
     if not items:
         src = "LFW photos aligned here with maskface.align"
         items = align_here(args.n)

@@ -270,6 +270,26 @@ def test_rendered_masks_coverage_and_untouched_pixels(frontal, landmarks):
 
 
 @pytest.mark.lfw
+def test_occlusion_maps_obey_the_wear_rules_for_every_type(frontal):
+    """Read off the occlusion maps (accessories included: a respirator's filter cartridges must not reach
+    the mouth of a mask pulled down to the chin): the eyes are never covered, proper covers nose tip and
+    mouth corners, nose_out leaves the nose tip free, chin leaves the mouth corners free."""
+    some = dict(list(frontal.items())[:6])
+    want = {"proper": {30: True, 48: True, 54: True}, "nose_out": {30: False, 48: True, 54: True},
+            "chin": {30: False, 48: False, 54: False}}
+    for t in R.MASK_TYPES:
+        for w in R.WEARS:
+            for r in S.process_items(_items(some), S.MaskConfig(), mask_type=t, wear=w):
+                if r["status"] != "ok":
+                    continue
+                lm = np.asarray(r["landmarks68"]).reshape(68, 2)
+                occ = S.decode_occlusion(r["occlusion"])
+                for i, v in list(want[w].items()) + [(i, False) for i in range(36, 48)]:
+                    x, y = int(round(lm[i, 0])), int(round(lm[i, 1]))
+                    assert bool(occ[y, x]) == v, (r["image_id"], t, w, i)
+
+
+@pytest.mark.lfw
 def test_mask_follows_a_rotated_face(frontal, landmarks):
     """Tilt: rotating crop and landmarks by 20 deg rotates the mask with them (outline covers the same
     landmarks; the mask's lowest point stays under the rotated chin)."""

@@ -399,7 +399,7 @@ def _blank(image_id: str, identity: str, shard: int, cfg: MaskConfig) -> dict:
 def mask_one(crop: np.ndarray, lm: np.ndarray, image_id: str, cfg: MaskConfig, rec: dict, *,
              template5: Optional[np.ndarray] = None, mask_type: Optional[str] = None,
              wear: Optional[str] = None, color: Optional[str] = None, texture: Optional[str] = None,
-             keep_arrays: bool = False) -> dict:
+             keep_arrays: bool = False, stats: Optional[dict] = None) -> dict:
     """Check, draw and encode one face of a crop whose landmarks are known; fills and returns ``rec``."""
     rec["landmarks68"] = [float(v) for v in np.asarray(lm, np.float32).ravel()]
     skip, yaw = face_checks(lm, crop.shape[:2], cfg, template5)
@@ -410,7 +410,7 @@ def mask_one(crop: np.ndarray, lm: np.ndarray, image_id: str, cfg: MaskConfig, r
     rng = image_rng(cfg, image_id)
     st = draw_style(rng, cfg, mask_type=mask_type, wear=wear, color=color, texture=texture)
     try:
-        out = rd.render(crop, lm, st.mask_type, st.wear, st.color, st.texture, st.params, rng)
+        out = rd.render(crop, lm, st.mask_type, st.wear, st.color, st.texture, st.params, rng, stats)
     except rd.SkipFace as exc:
         rec.update(status="skipped", skip=exc.code, reason=exc.reason)
         return rec
@@ -507,8 +507,10 @@ def _process_chunk(items: Sequence[Mapping[str, Any]], cfg: MaskConfig, force: M
         aligned = [(rec, crop) for rec, crop in group if rec["aligned_status"] == "ok"]
         jobs = []
         if aligned:
-            lms = landmark_crops(np.stack([c for _, c in aligned]), box, cfg)
-            jobs += [(rec, crop, lm, t5) for (rec, crop), lm in zip(aligned, lms)]
+            stack = np.stack([c for _, c in aligned])
+            lms = landmark_crops(stack, box, cfg)
+            stats = rd.image_stats_batch(stack)
+            jobs += [(rec, crop, lm, t5, ss) for (rec, crop), lm, ss in zip(aligned, lms, stats)]
         for rec, crop in group:                  # centre-crop fallbacks: no face was detected there
             if rec["aligned_status"] == "ok":
                 continue
@@ -518,10 +520,10 @@ def _process_chunk(items: Sequence[Mapping[str, Any]], cfg: MaskConfig, force: M
                            reason="the aligner found no face (centre-crop fallback) and dlib's HOG detector "
                                   "finds none on the crop: no mask drawn")
                 continue
-            jobs.append((rec, crop, landmark_crops(crop[None], found, cfg)[0], None))
-        for rec, crop, lm, tpl in jobs:
+            jobs.append((rec, crop, landmark_crops(crop[None], found, cfg)[0], None, None))
+        for rec, crop, lm, tpl, ss in jobs:
             try:
-                mask_one(crop, lm, rec["image_id"], cfg, rec, template5=tpl, **force)
+                mask_one(crop, lm, rec["image_id"], cfg, rec, template5=tpl, stats=ss, **force)
             except Exception as exc:  # noqa: BLE001 - one bad image never stops the stage
                 log.warning("mask failed on %s", rec["image_id"], exc_info=True)
                 rec.update(status="error", reason=f"{type(exc).__name__}: {exc}", png=None, occlusion=None)
