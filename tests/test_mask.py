@@ -546,7 +546,8 @@ def test_workflow_mask_stage(crops, own_tmp):
         part = rows[k::2]
         pq.write_table(pa.table({c: [r[c] for r in part] for c in rows[0]} | {"shard": [k] * len(part)}),
                        work / f"results/aligned/tiny/shard-{k}.parquet")
-    pq.write_table(pa.table({"image_id": [r["image_id"] for r in rows]}), work / "results/manifests/tiny/aligned.parquet")
+    pq.write_table(pa.table({"image_id": [r["image_id"] for r in rows]}),
+                   work / "results/manifests/tiny/aligned.parquet")
     (work / "config.yaml").write_text(json.dumps({
         "datasets": {"tiny": {"source": str(own_tmp), "format": "lfw", "pairs": str(own_tmp / "pairs.txt")}},
         "align": {"shards": 2}, "mask": {"seed": 5, "threads": 2, "batch": 2}}))

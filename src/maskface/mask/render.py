@@ -22,10 +22,10 @@ Geometry (all in image pixels, derived from the landmarks of *this* face; D = di
 Rendering (only inside the bounding box of the mask and its accessories)
     * Coverage alpha by polygon filling with 4-bit sub-pixel precision and anti-aliased edges (cv2 LINE_AA).
     * Colour = albedo (texture) x exposure x colour cast x face light x the mask's own relief.
-      Face light: the luminance of the face under the mask (darkest 20 % - mouth, nostrils, beard - and
-      brightest 2 % left out) spread by a normalised Gaussian convolution (sigma 0.35 D), so the mask keeps
-      the light direction, falloff and broad shadows of this photo. Exposure: from the crop's 90th luminance percentile against its median over
-      LFW crops (178.5); colour cast: the crop's mean colour against LFW's (143.6, 111.2, 91.4), both
+      Face light: a quadratic in x, y fitted to the log luminance of the face under the mask (darkest
+      20 % - mouth, nostrils, beard - and brightest 2 % left out), so the mask keeps the light direction
+      and falloff of this photo. Exposure: from the crop's 90th luminance percentile against its median
+      over LFW crops (178.5); colour cast: the crop's mean colour against LFW's (143.6, 111.2, 91.4), both
       damped (see ``_exposure``). Relief: cylinder falloff at the cheeks, pleats and bindings (surgical),
       panels and centre seam (KN95), dome (N95), seam and hem (cloth), rubber sheen (respirator).
     * A soft contact shadow on the skin along the mask's lower edge (light from above).
