@@ -182,9 +182,11 @@ class AlignConfig:
             raise ValueError(f"align.min_face_size {self.min_face_size!r}: must be >= 4")
 
     def resolved_device(self) -> str:
+        import torch
         if self.device == "auto":
-            import torch
             return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("align.device is cuda but torch sees no CUDA device (use auto or cpu)")
         return self.device
 
     def resolved_batch(self, device: str) -> int:
