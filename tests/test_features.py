@@ -231,3 +231,59 @@ def test_dlib_resnet_on_real_lfw_pairs(lfw):
     # no detection: the centred fallback box still finds the (centred) LFW face
     fb = emb.embed([FaceInput(images[gen.a.iloc[0]], None)])[0]
     assert np.linalg.norm(fb - t.lookup([gen.a.iloc[0]], "clean")[0]) < 0.3
+
+
+def test_crop_to_source_inverts_the_alignment_transform():
+    from maskface.align import TEMPLATES, similarity_transform, transform_points
+    from maskface.features import crop_to_source
+
+    src = np.array([[80.0, 110], [140, 105], [112, 140], [88, 170], [136, 166]])
+    m = similarity_transform(src, TEMPLATES["sphereface_112x96"][0])
+    pts = np.random.default_rng(1).uniform(0, 112, (68, 2))
+    np.testing.assert_allclose(transform_points(m, crop_to_source(pts, m.ravel())), pts, atol=1e-9)
+
+
+@pytest.mark.lfw
+def test_masked_source_faces_redraw_the_stage_mask(lfw):
+    """dlib-resnet's masked variant: the source photo with the mask stage's mask redrawn from the stage's
+    landmarks and random choices. Inside the crop it is the stage's mask (occlusion IoU), outside the mask the
+    photo is untouched, and a face the stage skipped gets no masked face."""
+    import cv2
+
+    from maskface import align as A
+    from maskface.features import masked_source_loader
+    from maskface.imageio import load_rgb
+    from maskface.mask import mask_image
+
+    ids = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0006.jpg"]
+    rgbs = [load_rgb(lfw / "images_deepfunneled" / i) for i in ids]
+    torch.set_num_threads(1)
+    det = A.Detector(20, (0.6, 0.7, 0.9), 0.85, "cpu").detect(np.stack(rgbs))
+    arows, mrows, stage = [], [], {}
+    for i, rgb, (boxes, points) in zip(ids, rgbs, det):
+        k = A.select_face(boxes, rgb.shape[:2], "center")
+        crop, m = A.align_face(rgb, points[k], "sphereface_112x96")
+        res = mask_image(crop, image_id=i, aligned=True)   # the mask stage's drawing of an aligned crop
+        assert res.status == "ok", res.reason
+        stage[i] = (m, res.occlusion)
+        f = res.faces[0]
+        arows.append({"image_id": i, "status": "ok", "bbox": boxes[k, :4].tolist(), "transform": m.ravel().tolist()})
+        mrows.append({k2: f[k2] for k2 in ("mask_type", "mask_color", "mask_texture", "wear", "landmarks68")}
+                     | {"image_id": i, "status": "ok"})
+    mrows[1]["status"] = "skipped"
+    ids_ok, load = masked_source_loader(lfw / "images_deepfunneled", pd.DataFrame(arows), pd.DataFrame(mrows), {})
+    assert ids_ok == ids[:1]
+    face = load(ids[0])
+    np.testing.assert_allclose(face.bbox, arows[0]["bbox"])
+    m, occ = stage[ids[0]]
+    changed = np.abs(face.image.astype(int) - rgbs[0].astype(int)).max(2) > 0
+    back = cv2.warpAffine(changed.astype(np.uint8), m, (96, 112), flags=cv2.INTER_NEAREST) > 0
+    iou = (back & occ).sum() / (back | occ).sum()
+    assert iou > 0.85, iou
+    # inside the crop's footprint, the photo away from the mask (grown by the blur / shadow margin) is untouched
+    def to_src(a):
+        return cv2.warpAffine(a.astype(np.uint8), m, (250, 250), flags=cv2.WARP_INVERSE_MAP | cv2.INTER_NEAREST)
+    footprint = cv2.erode(to_src(np.ones((112, 96))), np.ones((3, 3), np.uint8)) > 0
+    grown = cv2.dilate(to_src(occ), np.ones((15, 15), np.uint8)) > 0
+    assert not changed[footprint & ~grown].any()
+    assert changed.sum() > 0.05 * changed.size   # the mask is drawn, whole (also below the crop)

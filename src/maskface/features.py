@@ -214,6 +214,69 @@ class DlibResnetEmbedder(Embedder):
         return d
 
 
+# --------------------------------------------------------------------------- masked faces in the source frame
+
+def redraw_mask(image: np.ndarray, landmarks68: np.ndarray, image_id: str, mask_config: Any, *, mask_type: str,
+                wear: str, color: str, texture: str) -> tuple[np.ndarray, np.ndarray]:
+    """The mask the mask stage drew on an aligned crop, drawn again on another frame of the same face (the
+    source photo): the same type, wear, colour, texture and random parameters (the image's own generator,
+    :func:`maskface.mask.stage.image_rng`), from the stage's 68 landmarks mapped into that frame. Only the
+    pixel noise and the light fit follow the new frame. Returns (RGB uint8 image, bool occlusion map).
+
+    Embedders that read source images (dlib-resnet cuts its own chip, wider than the 112x96 crop) see the
+    stage's mask whole instead of a paste of the crop, whose borders would cut the mask in straight lines."""
+    from .mask import render as rd
+    from .mask import stage as mst
+    from .mask.api import _face_region
+
+    cfg = mask_config if isinstance(mask_config, mst.MaskConfig) else mst.MaskConfig.from_mapping(mask_config)
+    lm = np.asarray(landmarks68, np.float64).reshape(68, 2)
+    rng = mst.image_rng(cfg, image_id)
+    sty = mst.draw_style(rng, cfg, mask_type=mask_type, wear=wear, color=color, texture=texture)
+    img = np.ascontiguousarray(image, dtype=np.uint8)
+    out = rd.render(img, lm, sty.mask_type, sty.wear, sty.color, sty.texture, sty.params, rng,
+                    rd.image_stats(_face_region(img, lm)))
+    return out.image, out.occlusion
+
+
+def crop_to_source(points: np.ndarray, transform: Sequence[float]) -> np.ndarray:
+    """Map (n, 2) points of an aligned crop back to the source image (inverse of stage 1's 2x3 transform)."""
+    m = np.asarray(transform, np.float64).reshape(2, 3)
+    a, t = m[:, :2], m[:, 2]
+    return (np.asarray(points, np.float64).reshape(-1, 2) - t) @ np.linalg.inv(a).T
+
+
+def masked_source_loader(images_root: str | os.PathLike, aligned: pd.DataFrame, masked: pd.DataFrame,
+                         mask_config: Any) -> tuple[list[str], Callable[[str], FaceInput]]:
+    """For source-image embedders: (ids of the images the mask stage masked, ``load(image_id)``) where load
+    returns the source photo with the stage's mask redrawn in it (:func:`redraw_mask`) and the stage-1 MTCNN
+    box (the face has not moved; the embedder still finds its landmarks on the masked face itself).
+
+    ``aligned``: image_id, status, bbox, transform (stage 1 manifest); ``masked``: image_id, status,
+    mask_type, mask_color, mask_texture, wear, landmarks68 (mask stage manifest). Images the mask stage
+    skipped get no masked face, exactly as for aligned-crop embedders."""
+    from .imageio import load_rgb
+    from .mask import stage as mst
+
+    cfg = mask_config if isinstance(mask_config, mst.MaskConfig) else mst.MaskConfig.from_mapping(mask_config)
+    al = aligned.set_index("image_id")
+    ok = masked[(masked["status"] == "ok") & masked["image_id"].isin(al.index)].set_index("image_id")
+    ids = sorted(ok.index)
+
+    def load(image_id: str) -> FaceInput:
+        row, arow = ok.loc[image_id], al.loc[image_id]
+        if arow["transform"] is None:
+            raise ValueError(f"{image_id}: stage 1 recorded no transform, the mask cannot be placed")
+        src = load_rgb(f"{images_root}/{image_id}")
+        lm = crop_to_source(np.asarray(row["landmarks68"], np.float64), arow["transform"])
+        img, _ = redraw_mask(src, lm, image_id, cfg, mask_type=row["mask_type"], wear=row["wear"],
+                             color=row["mask_color"], texture=row["mask_texture"])
+        box = arow["bbox"]
+        return FaceInput(img, None if arow["status"] != "ok" or box is None else np.asarray(box, float))
+
+    return ids, load
+
+
 # ------------------------------------------------------------------------------------------ SphereFace
 
 ARCHITECTURES: dict[str, Callable[..., Any]] = {}

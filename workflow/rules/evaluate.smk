@@ -16,10 +16,10 @@ def _makes(prefix, suffix):
 
 
 def _variants(model):
-    """clean always; masked for embedders of aligned crops once the mask stage (results/masked/...) exists: the
-    mixed and masked protocols follow. dlib-resnet reads source images, which the mask stage does not make."""
-    src = _model_cfg(_features_model(model))
-    if src["embedder"] == "sphereface" and _makes(f"{RESULTS}/masked/", ".parquet"):
+    """clean always; masked too once the mask stage (results/masked/...) exists: the mixed and masked protocols
+    follow. Aligned-crop embedders (sphereface) read the mask stage's crops; source-image embedders (dlib-resnet)
+    the source photo with the stage's mask redrawn in it from the stage's landmarks and random choices."""
+    if _makes(f"{RESULTS}/masked/", ".parquet"):
         return ["clean", "masked"]
     return ["clean"]
 
@@ -50,7 +50,23 @@ def _extract_inputs(wc):
         inp["shards"] = (_aligned_shards(wc.dataset) if wc.variant == "clean" else
                          [f"{RESULTS}/masked/{wc.dataset}/shard-{s}.parquet" for s in range(config["align"]["shards"])])
         inp["checkpoint"] = mcfg["checkpoint"]
+    elif wc.variant == "masked":
+        inp["masked"] = f"{RESULTS}/manifests/{wc.dataset}/masked.parquet"
     return inp
+
+
+def _features_code(wc):
+    mods = ["features", "evaluate", "imageio"]
+    if wc.variant == "masked" and _model_cfg(wc.model)["embedder"] != "sphereface":
+        mods.append("mask")  # the mask is redrawn in the source frame by the mask stage's renderer
+    return code(*mods)
+
+
+def _features_mask_cfg(wc):
+    """The mask settings a source-frame redraw needs (those of the mask stage; None when not redrawing)."""
+    if wc.variant == "masked" and _model_cfg(wc.model)["embedder"] != "sphereface":
+        return mask_cfg()
+    return None
 
 
 rule extract_features:
@@ -62,7 +78,8 @@ rule extract_features:
         model=lambda wc: plain(_model_cfg(wc.model)),
         device=EVAL.get("device", "auto"),
         chunk=256,
-        code=code("features", "evaluate", "imageio"),
+        mask=_features_mask_cfg,
+        code=_features_code,
     log:
         f"{LOGS}/extract_features/{{model}}/{{dataset}}/{{variant}}.log",
     benchmark:

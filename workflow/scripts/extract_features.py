@@ -1,7 +1,9 @@
 """Rule extract_features: one model's features of one dataset's images (one variant) -> features Parquet.
 
 dlib-resnet reads the source images with the stage-1 MTCNN box of each (rows without a detection get the
-centred fallback box); sphereface reads the stage-1 aligned crops from the shard files, as they are.
+centred fallback box); its masked variant is the source photo with the mask stage's mask redrawn in it
+(maskface.features.masked_source_loader). sphereface reads the stage-1 aligned crops (clean) or the mask
+stage's crops (masked) from the shard files, as they are.
 """
 import json
 import time
@@ -11,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from maskface.align import ALIGNED_STATUSES
-from maskface.features import FaceInput, embed_all, make_embedder, write_features
+from maskface.features import FaceInput, embed_all, make_embedder, masked_source_loader, write_features
 from maskface.imageio import decode_png, load_rgb
 from maskface.manifest import provenance
 from maskface.smk import logged
@@ -23,7 +25,7 @@ with logged(snakemake) as log:
     record = json.load(open(snakemake.input.json))
     mcfg = snakemake.params.model
     variant = snakemake.wildcards.variant
-    aligned = pd.read_parquet(snakemake.input.aligned, columns=["image_id", "status", "bbox", "shard"])
+    aligned = pd.read_parquet(snakemake.input.aligned, columns=["image_id", "status", "bbox", "transform", "shard"])
     usable = aligned[aligned["status"].isin(ALIGNED_STATUSES)]
     if "pairs" in snakemake.input.keys():
         pairs = pd.read_parquet(snakemake.input.pairs, columns=["a", "b"])
@@ -41,10 +43,16 @@ with logged(snakemake) as log:
         kwargs["eval_settings"] = mcfg["eval"]
     emb = make_embedder(mcfg["embedder"], **kwargs)
     ids = usable["image_id"].tolist()
-    if emb.input_kind == "source":
-        if variant != "clean":
-            raise ValueError(f"{emb.name} reads source images; the {variant} variant needs the mask stage's "
-                             f"full-size images, which this rule does not take yet")
+    if emb.input_kind == "source" and variant == "masked":
+        masked = pd.read_parquet(snakemake.input.masked, columns=[
+            "image_id", "status", "mask_type", "mask_color", "mask_texture", "wear", "landmarks68"])
+        mids, load = masked_source_loader(record["images_root"], usable, masked, snakemake.params.mask)
+        lacking = [i for i in ids if i not in set(mids)]
+        if lacking:  # the mask stage skipped them: no masked feature, their pairs count as errors
+            log.warning("%d of %d images were not masked by the mask stage; they get no feature", len(lacking),
+                        len(ids))
+        ids = [i for i in ids if i not in set(lacking)]
+    elif emb.input_kind == "source":
         bbox = {i: (None if s != "ok" or b is None else np.asarray(b, float))
                 for i, s, b in zip(usable["image_id"], usable["status"], usable["bbox"])}
 
@@ -71,6 +79,7 @@ with logged(snakemake) as log:
             ids = [i for i in ids if i in crops]
     df = embed_all(emb, ids, load, variant, chunk=int(snakemake.params.chunk), progress=progress)
     log.info("%d features (%s): %s", len(df), emb.name, df["face"].value_counts().to_dict())
-    prov = provenance("features", {"model": mcfg, "variant": variant}, [snakemake.input.aligned],
+    used = [snakemake.input.aligned] + ([snakemake.input.masked] if "masked" in snakemake.input.keys() else [])
+    prov = provenance("features", {"model": mcfg, "variant": variant, "mask": snakemake.params.mask}, used,
                       embedder=emb.describe())
     write_features(df, snakemake.output.features, prov)
