@@ -8,7 +8,7 @@
 # The targets join `all` only once the workflow has rules producing the aligned (and, when needed, masked) crops.
 import re
 
-from maskface.train import merged as _train_merged, run_names as _train_run_names
+from maskface.train_config import merged as _train_merged, run_names as _train_run_names  # torch-free
 
 TRAIN = _train_merged(config.get("train", {}))
 TRAIN_RUNS = _train_run_names(TRAIN)
@@ -46,7 +46,7 @@ rule train_cache:
         npy=f"{RESULTS}/train_cache/{{dataset}}/{{cvariant}}.npy",
         index=f"{RESULTS}/train_cache/{{dataset}}/{{cvariant}}.parquet",
     params:
-        code=code("train", "imageio"),
+        code=code("train", "train_config", "imageio"),
     log:
         f"{LOGS}/train_cache/{{dataset}}/{{cvariant}}.log",
     benchmark:
@@ -93,7 +93,7 @@ rule train:
         curve=f"{RESULTS}/models/{{run}}/curve.png",
     params:
         spec=_train_spec,
-        code=code("models", "train"),
+        code=code("models", "train", "train_config"),
     log:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
@@ -124,7 +124,7 @@ rule train_fold_eval:
         fold=lambda wc: TRAIN_RUNS[wc.run]["fold"],
         device=TRAIN["device"],
         batch_size=TRAIN["eval_batch_size"],
-        code=code("models", "train", "evaluate"),
+        code=code("models", "train", "train_config", "evaluate"),
     log:
         f"{LOGS}/train_fold_eval/{{run}}.log",
     threads: TRAIN["threads"]
@@ -147,7 +147,7 @@ rule train_summary:
         json=TRAIN_SUMMARY[0],
         md=TRAIN_SUMMARY[1],
     params:
-        code=code("train"),
+        code=code("train", "train_config"),
     log:
         f"{LOGS}/train_summary/{TRAIN['name']}.log",
     script:
