@@ -35,8 +35,8 @@ PROFILE = REPO / "profiles" / "slurm"
 LOCK = Path("/run/lock/gugugirls-local-slurm.lock")   # the one local_slurm.sh takes
 BUDGET_S = 270          # lock wait + up + workflow; the teardown has its own DOWN_S on top
 DOWN_S = 60
-PARTITION = "alt"       # the cluster's non-default partition: proves the profile's partition mapping
-RULES = ("download", "raw_manifest", "pairs_manifest")
+PARTITION = "alt"       # the cluster's non-default partition, from the config's slurm.partition
+RULES = ("raw_manifest", "pairs_manifest")   # grouped into one sbatch job; download is a local rule
 SUBMITTED = re.compile(r"Job \S+ has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", re.M)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -125,7 +125,8 @@ def test_manifests_target_runs_through_slurm_with_the_profile(tmp_path):
     work.mkdir()
     logs.mkdir()
     (work / "config.yaml").write_text(json.dumps(
-        {"datasets": {"tiny": {"source": str(data), "format": "lfw", "pairs": str(data / "pairs.txt")}}}))
+        {"datasets": {"tiny": {"source": str(data), "format": "lfw", "pairs": str(data / "pairs.txt")}},
+         "slurm": {"partition": PARTITION}}))
 
     with _cluster_lock(timeout=60):
         try:
@@ -134,7 +135,7 @@ def test_manifests_target_runs_through_slurm_with_the_profile(tmp_path):
                 pytest.skip(f"no local SLURM possible here: {out.strip().splitlines()[-1]}")
             assert rc == 0, f"local_slurm.sh up {'timed out' if rc is None else f'failed ({rc})'}:\n{out[-3000:]}"
 
-            env = {**os.environ, "MASKFACE_SLURM_PARTITION": PARTITION}
+            env = {k: v for k, v in os.environ.items() if k != "MASKFACE_SLURM_PARTITION"}
             cmd = [sys.executable, "-m", "snakemake", "-s", REPO / "Snakefile", "-d", work, "--profile", PROFILE,
                    "--slurm-keep-successful-logs", "manifests", "--groups", *(f"{r}=tiny" for r in RULES)]
             budget = left()
@@ -149,7 +150,7 @@ def test_manifests_target_runs_through_slurm_with_the_profile(tmp_path):
             assert list(pairs["same"]) == [True, False]
 
             # it went through sbatch: one group job, with the rules' resources combined (threads and mem_mb: the
-            # largest; runtime: the sum, the rules running one after the other) and the profile's partition
+            # largest; runtime: the sum, the rules running one after the other) and the config's partition
             submitted = SUBMITTED.findall(out)
             assert len(submitted) == 1, out[-4000:]
             jid, log = submitted[0]
@@ -157,12 +158,14 @@ def test_manifests_target_runs_through_slurm_with_the_profile(tmp_path):
             assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
             assert job["Partition"] == PARTITION and job["BatchFlag"] == "1", job
             assert int(job["NumCPUs"]) == 2 and _mib(job["MinMemoryNode"]) == 4096, job
-            assert job["TimeLimit"] == "06:10:00" and Path(job["WorkDir"]) == work, job   # 240 + 120 + 10 min
+            assert job["TimeLimit"] == "02:10:00" and Path(job["WorkDir"]) == work, job   # 120 + 10 min
             # the job's own output (kept by --slurm-keep-successful-logs): each rule ran inside it
             assert Path(job["StdOut"]) == Path(log) and Path(log).parent.parent == work / ".snakemake/slurm_logs"
             job_log = Path(log).read_text()
             for rule in RULES:
                 assert re.search(rf"Finished jobid: \d+ \(Rule: {rule}\)", job_log), job_log[-3000:]
+            # download ran on the submit host (compute nodes often have no internet), not in the job
+            assert "(Rule: download)" not in job_log and (work / "results/datasets/tiny/dataset.json").is_file()
         finally:
             daemons = _pids("/run/slurmctld.pid", "/run/slurmd.pid", "/run/munge/munged.pid")
             rc, down = _script("down", logs / "down.log", timeout=DOWN_S)

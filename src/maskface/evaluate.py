@@ -416,9 +416,10 @@ def rank_accuracy(sim: np.ndarray, truth_col: np.ndarray, ranks: Sequence[int] =
 def identification(features: FeatureTable, image_ids: Sequence[str], settings: ProtocolSettings,
                    probe_variants: Sequence[str] = ("clean", "masked"), ranks: Sequence[int] = (1, 5),
                    n_impostors: int = 200_000, seed: int = 0, fars: Sequence[float] = FARS,
-                   chunk: int = 4096) -> dict:
+                   chunk: int = 4096, curves: Optional[dict] = None) -> dict:
     """Closed-set identification and verification on a folder-per-identity set (aggregates only: no image or
-    identity name is returned, so a private set's results can be shared).
+    identity name is returned, so a private set's results can be shared). ``curves``: a dict to receive
+    {variant: (scores, same)} of the verification pairs, for :func:`plot_roc`.
 
     Gallery: first clean image per identity; probes: the other images, per probe variant. Verification: all
     genuine pairs (same identity, i < j) and ``n_impostors`` sampled impostor pairs (fixed seed); side j
@@ -473,6 +474,9 @@ def identification(features: FeatureTable, image_ids: Sequence[str], settings: P
         res["n_genuine"], res["n_impostor"] = int(len(gen_i)), int(len(imp_i))
         if len(gen_i) and len(imp_i) and np.isfinite(scores).any():
             res.update(roc_summary(scores, same, fars))
+            if curves is not None:
+                fin = np.isfinite(scores)
+                curves[variant] = (scores[fin], same[fin])
         out["protocols"][variant] = res
     return out
 

@@ -34,6 +34,8 @@ rule align_shard:
         f"{BENCH}/align/{{dataset}}/shard-{{shard}}.tsv"
     threads: config["align"]["threads"]
     resources:
+        **part(gpu=bool(uses_gpu(config["align"]["device"]))),
+        gpu=uses_gpu(config["align"]["device"]),
         mem_mb=lambda wc, threads: 1500 + 1000 * threads,
         runtime=120,
     script:
@@ -57,6 +59,7 @@ rule align_merge:
         f"{BENCH}/align/{{dataset}}/merge.tsv"
     threads: 1
     resources:
+        **part(),
         mem_mb=2048,
         runtime=10,
     script:
@@ -79,6 +82,7 @@ rule align_fidelity:
         f"{BENCH}/align/{{dataset}}/fidelity.tsv"
     threads: 1
     resources:
+        **part(),
         mem_mb=2048,
         runtime=30,
     script:

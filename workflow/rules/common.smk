@@ -56,3 +56,20 @@ def plain(value):
 def code(*modules):
     """Digest of the stage's source modules: a param, so a code change reruns the stage."""
     return code_version(*modules)
+
+
+SLURM = config.get("slurm") or {}
+
+
+def part(gpu=False):
+    """The SLURM partition of a rule's jobs from the workflow config (slurm.partition, or slurm.gpu_partition
+    for jobs that ask for a GPU), as a resource for snakemake-executor-plugin-slurm; nothing when unset (the
+    profile's MASKFACE_SLURM_PARTITION, then the cluster's default partition, apply)."""
+    name = (SLURM.get("gpu_partition") if gpu else None) or SLURM.get("partition")
+    return {"slurm_partition": name} if name else {}
+
+
+def uses_gpu(device):
+    """1 when a stage's `device` may use CUDA (auto or cuda): on a cluster such jobs request one GPU; set the
+    stage's device to cpu on a cluster without GPUs."""
+    return 0 if device == "cpu" else 1

@@ -59,6 +59,7 @@ rule demo_test_video:
         f"{BENCH}/demo/test_video.tsv"
     threads: 1
     resources:
+        **part(),
         mem_mb=2048,
         runtime=30,
     script:
@@ -92,6 +93,7 @@ rule demo_threshold:
         f"{BENCH}/demo/threshold.tsv"
     threads: DEMO["threads"]
     resources:
+        **part(),
         mem_mb=4096,
         runtime=60,
     script:
@@ -137,6 +139,7 @@ rule demo_run:
         f"{BENCH}/demo/run.tsv"
     threads: DEMO["threads"]
     resources:
+        **part(),
         mem_mb=4096,
         runtime=120,
     script:

@@ -5,6 +5,8 @@
 
 
 rule download:
+    # on the submit host: compute nodes of many clusters have no internet (a local folder costs nothing either)
+    localrule: True
     output:
         json=f"{RESULTS}/datasets/{{dataset}}/dataset.json",
     params:
@@ -17,6 +19,7 @@ rule download:
     benchmark:
         f"{BENCH}/download/{{dataset}}.tsv"
     resources:
+        **part(),
         mem_mb=1024,
         runtime=240,
     threads: 1

@@ -86,6 +86,8 @@ rule extract_features:
         f"{BENCH}/extract_features/{{model}}/{{dataset}}/{{variant}}.tsv"
     threads: EVAL.get("threads", 2)
     resources:
+        **part(gpu=bool(uses_gpu(EVAL.get("device", "auto")))),
+        gpu=uses_gpu(EVAL.get("device", "auto")),
         mem_mb=8192,
         runtime=240,
     script:
@@ -114,7 +116,8 @@ rule evaluate_model:
     output:
         json=f"{RESULTS}/eval/{{model}}/{{dataset}}.json",
         md=f"{RESULTS}/eval/{{model}}/{{dataset}}.md",
-        png=f"{RESULTS}/eval/{{model}}/{{dataset}}_roc.png",
+        png=report(f"{RESULTS}/eval/{{model}}/{{dataset}}_roc.png", category="Evaluation", subcategory="{dataset}",
+                   labels={"model": "{model}", "dataset": "{dataset}", "figure": "ROC"}),
     params:
         model=lambda wc: plain(_model_cfg(wc.model)),
         n_impostors=EVAL.get("n_impostors", 200000),
@@ -124,6 +127,7 @@ rule evaluate_model:
     benchmark:
         f"{BENCH}/evaluate/{{model}}/{{dataset}}.tsv"
     resources:
+        **part(),
         mem_mb=4096,
         runtime=30,
     script:

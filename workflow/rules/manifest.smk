@@ -15,6 +15,7 @@ rule raw_manifest:
         f"{BENCH}/raw_manifest/{{dataset}}.tsv"
     threads: config["manifest"]["threads"]
     resources:
+        **part(),
         mem_mb=4096,
         runtime=120,
     script:
@@ -32,6 +33,7 @@ rule pairs_manifest:
     log:
         f"{LOGS}/pairs_manifest/{{dataset}}.log",
     resources:
+        **part(),
         mem_mb=1024,
         runtime=10,
     script:

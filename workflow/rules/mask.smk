@@ -50,6 +50,7 @@ rule mask_shard:
         f"{BENCH}/mask/{{dataset}}/shard-{{shard}}.tsv"
     threads: config["mask"]["threads"]
     resources:
+        **part(),
         mem_mb=lambda wc, threads: 1500 + 700 * threads,
         runtime=60,
     script:
@@ -72,6 +73,7 @@ rule mask_merge:
         f"{BENCH}/mask/{{dataset}}/merge.tsv"
     threads: 1
     resources:
+        **part(),
         mem_mb=2048,
         runtime=10,
     script:
@@ -94,6 +96,7 @@ rule mask_gallery:
         f"{LOGS}/mask/gallery.log",
     threads: 1
     resources:
+        **part(),
         mem_mb=2048,
         runtime=10,
     script:

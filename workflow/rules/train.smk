@@ -53,6 +53,7 @@ rule train_cache:
         f"{BENCH}/train_cache/{{dataset}}/{{cvariant}}.tsv"
     threads: TRAIN["threads"]
     resources:
+        **part(),
         mem_mb=4096,
         runtime=240,
     script:
@@ -90,7 +91,8 @@ rule train:
     output:
         model=f"{RESULTS}/models/{{run}}/model.pt",
         log_csv=f"{RESULTS}/models/{{run}}/train_log.csv",
-        curve=f"{RESULTS}/models/{{run}}/curve.png",
+        curve=report(f"{RESULTS}/models/{{run}}/curve.png", category="Training",
+                     labels={"run": "{run}", "figure": "loss and accuracy"}),
     params:
         spec=_train_spec,
         code=code("models", "train", "train_config"),
@@ -100,6 +102,7 @@ rule train:
         f"{BENCH}/train/{{run}}.tsv"
     threads: TRAIN["threads"]
     resources:
+        **part(gpu=TRAIN["device"] != "cpu"),
         mem_mb=16384,
         runtime=24 * 60,
         gpu=TRAIN["gpus"] if TRAIN["device"] != "cpu" else 0,
@@ -129,8 +132,10 @@ rule train_fold_eval:
         f"{LOGS}/train_fold_eval/{{run}}.log",
     threads: TRAIN["threads"]
     resources:
+        **part(gpu=TRAIN["device"] != "cpu"),
         mem_mb=8192,
         runtime=120,
+        gpu=1 if TRAIN["device"] != "cpu" else 0,
     script:
         "../scripts/train_eval.py"
 

@@ -2,7 +2,8 @@
 folder-per-identity set -> results/eval/{model}/{dataset}.json (+ .md table and _roc.png for LFW)."""
 import pandas as pd
 
-from maskface.evaluate import FeatureTable, ProtocolSettings, evaluate_lfw_features, identification, markdown_table
+from maskface.evaluate import (FeatureTable, ProtocolSettings, evaluate_lfw_features, identification, markdown_table,
+                               plot_roc)
 from maskface.manifest import read_provenance, write_json
 from maskface.smk import logged
 
@@ -23,7 +24,9 @@ with logged(snakemake) as log:
             log.info("%s: %.2f%% +- %.2f (AUC %.4f)", name, 100 * r["mean"], 100 * r["std"], r["auc"])
     else:
         ids = sorted({i for i, v in zip(table.image_ids, table.variant_of) if v == "clean"})
-        res = identification(table, ids, settings, n_impostors=int(snakemake.params.n_impostors))
+        curves = {}
+        res = identification(table, ids, settings, n_impostors=int(snakemake.params.n_impostors), curves=curves)
+        plot_roc(curves, snakemake.output.png, title=f"{model} on {dataset}: verification, all genuine pairs")
         doc = {"model": model, "dataset": dataset, "settings": settings.to_dict(), "identification": res, **extra}
         write_json(doc, snakemake.output.json)
         lines = [f"**{model} on {dataset}: identification ({res['n_identities']} identities, "
