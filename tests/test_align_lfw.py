@@ -3,7 +3,6 @@ images_deepfunneled/ and pairs.txt; default ../shared/data/lfw beside the repo).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import cv2
@@ -15,7 +14,6 @@ from PIL import Image
 from maskface import align as A
 from maskface.imageio import decode_png, load_rgb
 
-REPO = Path(__file__).resolve().parents[1]
 
 # frontal, single-subject LFW images (deep-funneled), and one with several faces
 FRONTAL = ["Aaron_Eckhart/Aaron_Eckhart_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0002.jpg"]
@@ -24,19 +22,10 @@ SAMPLE = FRONTAL + ["Zico/Zico_0001.jpg", "Zico/Zico_0002.jpg", "Zhu_Rongji/Zhu_
                     "George_W_Bush/George_W_Bush_0001.jpg"]
 
 
-def _lfw_images() -> Path | None:
-    env = os.environ.get("MASKFACE_LFW")
-    root = Path(env) if env else REPO.parent / "shared" / "data" / "lfw"
-    imgs = root / "images_deepfunneled"
-    return imgs if imgs.is_dir() else None
-
-
 @pytest.fixture(scope="module")
-def lfw_images() -> Path:
-    imgs = _lfw_images()
-    if imgs is None:
-        pytest.skip("real LFW not found: set MASKFACE_LFW to the folder holding images_deepfunneled/ "
-                    "(default ../shared/data/lfw beside the repo)")
+def lfw_images(lfw) -> Path:
+    """images_deepfunneled/ of the shared ``lfw`` fixture (tests/conftest.py: MASKFACE_LFW or ../shared)."""
+    imgs = lfw / "images_deepfunneled"
     missing = [i for i in SAMPLE if not (imgs / i).is_file()]
     if missing:
         pytest.skip(f"LFW copy lacks {missing[:3]}")

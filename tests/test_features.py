@@ -287,3 +287,18 @@ def test_masked_source_faces_redraw_the_stage_mask(lfw):
     grown = cv2.dilate(to_src(occ), np.ones((15, 15), np.uint8)) > 0
     assert not changed[footprint & ~grown].any()
     assert changed.sum() > 0.05 * changed.size   # the mask is drawn, whole (also below the crop)
+
+
+@pytest.mark.lfw
+def test_dlib_worker_processes_give_the_same_features(lfw):
+    """embed_all with 2 spawned worker processes: the same features, in the same order, as one process."""
+    from maskface.features import SourceLoader
+
+    ids = ["Aaron_Eckhart/Aaron_Eckhart_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0002.jpg",
+           "Zico/Zico_0001.jpg", "Zico/Zico_0002.jpg", "Colin_Powell/Colin_Powell_0001.jpg"]
+    load = SourceLoader(lfw / "images_deepfunneled", {i: None for i in ids})   # centred fallback boxes
+    emb = make_embedder("dlib-resnet", flip=True)
+    one = embed_all(emb, ids, load, "clean", chunk=2)
+    two = embed_all(emb, ids, load, "clean", chunk=2, workers=2)
+    assert list(two.image_id) == ids and list(two.face) == ["fallback_center"] * len(ids)
+    np.testing.assert_array_equal(np.stack(one.feature), np.stack(two.feature))

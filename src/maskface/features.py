@@ -116,7 +116,9 @@ def register_embedder(cls):
 def make_embedder(name: str, **kwargs) -> Embedder:
     if name not in EMBEDDERS:
         raise KeyError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}")
-    return EMBEDDERS[name](**kwargs)
+    emb = EMBEDDERS[name](**kwargs)
+    emb.spec = (name, dict(kwargs))   # how to build it again, e.g. in a worker process (embed_all workers)
+    return emb
 
 
 # ------------------------------------------------------------------------------------------------ dlib
@@ -246,35 +248,65 @@ def crop_to_source(points: np.ndarray, transform: Sequence[float]) -> np.ndarray
     return (np.asarray(points, np.float64).reshape(-1, 2) - t) @ np.linalg.inv(a).T
 
 
+class SourceLoader:
+    """``load(image_id)`` for source-image embedders: the photo and its stage-1 MTCNN box (None: no detection,
+    the embedder's centred fallback box). Picklable, so worker processes can use it (:func:`embed_all`)."""
+
+    def __init__(self, images_root: str | os.PathLike, bboxes: Mapping[str, Optional[Sequence[float]]]):
+        self.images_root = str(images_root)
+        self.bboxes = {k: (None if v is None else [float(x) for x in v]) for k, v in bboxes.items()}
+
+    def __call__(self, image_id: str) -> FaceInput:
+        from .imageio import load_rgb
+
+        box = self.bboxes[image_id]
+        return FaceInput(load_rgb(f"{self.images_root}/{image_id}"), None if box is None else np.asarray(box, float))
+
+
+class MaskedSourceLoader(SourceLoader):
+    """``load(image_id)``: the source photo with the mask stage's mask redrawn in it (:func:`redraw_mask`) from
+    the stage's 68 landmarks mapped back through stage 1's transform, and the stage-1 MTCNN box. Picklable."""
+
+    def __init__(self, images_root: str | os.PathLike, bboxes: Mapping[str, Optional[Sequence[float]]],
+                 masks: Mapping[str, Mapping[str, Any]], mask_config: Any):
+        from .mask import stage as mst
+
+        super().__init__(images_root, bboxes)
+        self.masks = dict(masks)
+        self.cfg = mask_config if isinstance(mask_config, mst.MaskConfig) else mst.MaskConfig.from_mapping(mask_config)
+
+    def __call__(self, image_id: str) -> FaceInput:
+        face = super().__call__(image_id)
+        m = self.masks[image_id]
+        lm = crop_to_source(m["landmarks68"], m["transform"])
+        face.image, _ = redraw_mask(face.image, lm, image_id, self.cfg, mask_type=m["mask_type"], wear=m["wear"],
+                                    color=m["mask_color"], texture=m["mask_texture"])
+        return face
+
+
 def masked_source_loader(images_root: str | os.PathLike, aligned: pd.DataFrame, masked: pd.DataFrame,
-                         mask_config: Any) -> tuple[list[str], Callable[[str], FaceInput]]:
-    """For source-image embedders: (ids of the images the mask stage masked, ``load(image_id)``) where load
-    returns the source photo with the stage's mask redrawn in it (:func:`redraw_mask`) and the stage-1 MTCNN
-    box (the face has not moved; the embedder still finds its landmarks on the masked face itself).
+                         mask_config: Any) -> tuple[list[str], MaskedSourceLoader]:
+    """For source-image embedders: (ids of the images the mask stage masked, a :class:`MaskedSourceLoader`):
+    the source photo with the stage's mask redrawn in it and the stage-1 MTCNN box (the face has not moved;
+    the embedder still finds its landmarks on the masked face itself).
 
     ``aligned``: image_id, status, bbox, transform (stage 1 manifest); ``masked``: image_id, status,
     mask_type, mask_color, mask_texture, wear, landmarks68 (mask stage manifest). Images the mask stage
     skipped get no masked face, exactly as for aligned-crop embedders."""
-    from .imageio import load_rgb
-    from .mask import stage as mst
-
-    cfg = mask_config if isinstance(mask_config, mst.MaskConfig) else mst.MaskConfig.from_mapping(mask_config)
     al = aligned.set_index("image_id")
     ok = masked[(masked["status"] == "ok") & masked["image_id"].isin(al.index)].set_index("image_id")
     ids = sorted(ok.index)
-
-    def load(image_id: str) -> FaceInput:
-        row, arow = ok.loc[image_id], al.loc[image_id]
+    bboxes, masks = {}, {}
+    for i in ids:
+        arow, row = al.loc[i], ok.loc[i]
         if arow["transform"] is None:
-            raise ValueError(f"{image_id}: stage 1 recorded no transform, the mask cannot be placed")
-        src = load_rgb(f"{images_root}/{image_id}")
-        lm = crop_to_source(np.asarray(row["landmarks68"], np.float64), arow["transform"])
-        img, _ = redraw_mask(src, lm, image_id, cfg, mask_type=row["mask_type"], wear=row["wear"],
-                             color=row["mask_color"], texture=row["mask_texture"])
+            raise ValueError(f"{i}: stage 1 recorded no transform, the mask cannot be placed")
         box = arow["bbox"]
-        return FaceInput(img, None if arow["status"] != "ok" or box is None else np.asarray(box, float))
-
-    return ids, load
+        bboxes[i] = None if arow["status"] != "ok" or box is None else [float(v) for v in box]
+        masks[i] = {"landmarks68": np.asarray(row["landmarks68"], np.float64), "transform": list(arow["transform"]),
+                    "mask_type": row["mask_type"], "wear": row["wear"], "mask_color": row["mask_color"],
+                    "mask_texture": row["mask_texture"]}
+    return ids, MaskedSourceLoader(images_root, bboxes, masks, mask_config)
 
 
 # ------------------------------------------------------------------------------------------ SphereFace
@@ -473,15 +505,54 @@ def write_features(df: pd.DataFrame, path: str | os.PathLike, prov: Optional[Map
     write_parquet(df, path, prov, schema=schema)
 
 
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(spec: tuple, load: Callable[[str], FaceInput]) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    _WORKER["emb"] = make_embedder(spec[0], **spec[1])
+    _WORKER["load"] = load
+
+
+def _worker_chunk(ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    emb, load = _WORKER["emb"], _WORKER["load"]
+    items = [load(i) for i in ids]
+    return emb.embed(items), [emb.face_source(f) for f in items]
+
+
 def embed_all(embedder: Embedder, image_ids: Sequence[str], load: Callable[[str], FaceInput], variant: str,
-              chunk: int = 256, progress: Optional[Callable[[int, int], None]] = None) -> pd.DataFrame:
-    """Embed images by id (``load(image_id) -> FaceInput``) in chunks; return a features frame."""
+              chunk: int = 256, progress: Optional[Callable[[int, int], None]] = None,
+              workers: int = 1) -> pd.DataFrame:
+    """Embed images by id (``load(image_id) -> FaceInput``) in chunks; return a features frame.
+
+    ``workers`` > 1: chunks go to that many processes (spawned; each builds the embedder again from its
+    ``spec``, so ``embedder`` must come from :func:`make_embedder` and ``load`` must be picklable, e.g. a
+    :class:`SourceLoader`). For CPU-bound embedders that use one core each (dlib-resnet); the features are
+    the same as in one process, in the same order. SphereFace batches on its device and ignores it."""
     feats, faces = [], []
-    for s in range(0, len(image_ids), chunk):
-        items = [load(i) for i in image_ids[s:s + chunk]]
-        feats.append(embedder.embed(items))
-        faces.extend(embedder.face_source(f) for f in items)
-        if progress:
-            progress(min(s + chunk, len(image_ids)), len(image_ids))
+    chunks = [list(image_ids[s:s + chunk]) for s in range(0, len(image_ids), chunk)]
+    spec = getattr(embedder, "spec", None)
+    done = 0
+    if workers > 1 and len(chunks) > 1 and spec is not None and embedder.input_kind == "source":
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")   # no fork after torch / OpenCV thread pools exist in this process
+        with ctx.Pool(min(workers, len(chunks)), initializer=_worker_init, initargs=(spec, load)) as pool:
+            for f, src in pool.imap(_worker_chunk, chunks):
+                feats.append(f)
+                faces.extend(src)
+                done += len(src)
+                if progress:
+                    progress(done, len(image_ids))
+    else:
+        for ids in chunks:
+            items = [load(i) for i in ids]
+            feats.append(embedder.embed(items))
+            faces.extend(embedder.face_source(f) for f in items)
+            done += len(ids)
+            if progress:
+                progress(done, len(image_ids))
     matrix = np.concatenate(feats) if feats else np.zeros((0, embedder.dim), np.float32)
     return features_frame(image_ids, variant, matrix, faces)

@@ -128,7 +128,7 @@ def build_tables_page(out: str | os.PathLike, *, eval_summary: Optional[str] = N
     """Write the tables page. ``stage_summaries``: (title, summary.json path, private)."""
     sections: list[tuple[str, str]] = []
     if eval_summary:
-        sections.append(("Evaluation summary", Path(eval_summary).read_text()))
+        sections.append(("Evaluation", Path(eval_summary).read_text()))
     tables = [Path(p).read_text() for p in sorted(eval_tables)]
     if tables:
         sections.append(("Per-fold tables", "\n\n".join(tables)))

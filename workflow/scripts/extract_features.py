@@ -8,13 +8,12 @@ stage's crops (masked) from the shard files, as they are.
 import json
 import time
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
 from maskface.align import ALIGNED_STATUSES
-from maskface.features import FaceInput, embed_all, make_embedder, masked_source_loader, write_features
-from maskface.imageio import decode_png, load_rgb
+from maskface.features import FaceInput, SourceLoader, embed_all, make_embedder, masked_source_loader, write_features
+from maskface.imageio import decode_png
 from maskface.manifest import provenance
 from maskface.smk import logged
 
@@ -53,11 +52,9 @@ with logged(snakemake) as log:
                         len(ids))
         ids = [i for i in ids if i not in set(lacking)]
     elif emb.input_kind == "source":
-        bbox = {i: (None if s != "ok" or b is None else np.asarray(b, float))
-                for i, s, b in zip(usable["image_id"], usable["status"], usable["bbox"])}
-
-        def load(i):
-            return FaceInput(load_rgb(f"{record['images_root']}/{i}"), bbox[i])
+        load = SourceLoader(record["images_root"], {
+            i: (None if s != "ok" or b is None else list(b))
+            for i, s, b in zip(usable["image_id"], usable["status"], usable["bbox"])})
     else:
         crops = {}  # clean: stage-1 crops; masked: the mask stage's crops (png null where a face was not masked)
         for path in snakemake.input.shards:
@@ -77,7 +74,9 @@ with logged(snakemake) as log:
         if lacking:  # e.g. faces the mask stage skipped: no feature, the protocol counts their pairs as errors
             log.warning("%d of %d images have no %s crop; they get no feature", len(lacking), len(ids), variant)
             ids = [i for i in ids if i in crops]
-    df = embed_all(emb, ids, load, variant, chunk=int(snakemake.params.chunk), progress=progress)
+    # source-image embedders (dlib) use one core per process: the job's threads become worker processes
+    df = embed_all(emb, ids, load, variant, chunk=int(snakemake.params.chunk), progress=progress,
+                   workers=snakemake.threads if emb.input_kind == "source" else 1)
     log.info("%d features (%s): %s", len(df), emb.name, df["face"].value_counts().to_dict())
     used = [snakemake.input.aligned] + ([snakemake.input.masked] if "masked" in snakemake.input.keys() else [])
     prov = provenance("features", {"model": mcfg, "variant": variant, "mask": snakemake.params.mask}, used,
