@@ -46,11 +46,12 @@ with logged(snakemake) as log:
         masked = pd.read_parquet(snakemake.input.masked, columns=[
             "image_id", "status", "mask_type", "mask_color", "mask_texture", "wear", "landmarks68"])
         mids, load = masked_source_loader(record["images_root"], usable, masked, snakemake.params.mask)
-        lacking = [i for i in ids if i not in set(mids)]
+        masked_ids = set(mids)
+        lacking = [i for i in ids if i not in masked_ids]
         if lacking:  # the mask stage skipped them: no masked feature, their pairs count as errors
             log.warning("%d of %d images were not masked by the mask stage; they get no feature", len(lacking),
                         len(ids))
-        ids = [i for i in ids if i not in set(lacking)]
+        ids = [i for i in ids if i in masked_ids]
     elif emb.input_kind == "source":
         load = SourceLoader(record["images_root"], {
             i: (None if s != "ok" or b is None else list(b))
