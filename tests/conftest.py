@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +27,14 @@ def lfw() -> Path:
         pytest.skip("real LFW not found: set MASKFACE_LFW to the folder holding images_deepfunneled/ and "
                     "pairs.txt (default ../shared/data/lfw beside the repo)")
     return root
+
+
+def snakemake_run(workdir: Path, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """This repo's workflow run for real in ``workdir`` (``--cores 2``); with ``check`` a failure raises with the
+    tail of Snakemake's output."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
+           *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res

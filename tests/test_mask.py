@@ -12,13 +12,13 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import snakemake_run
 from PIL import Image
 
 from maskface.mask import landmarks as L
@@ -26,7 +26,6 @@ from maskface.mask import render as R
 from maskface.mask import stage as S
 from maskface.mask import textures as TX
 
-REPO = Path(__file__).resolve().parents[1]
 TPL = S.TEMPLATES["sphereface_112x96"]
 # Faces turned by more than ~45 deg (their aligned crops come out zoomed into half a face): must be skipped.
 PROFILES = ["Roman_Polanski/Roman_Polanski_0003.jpg", "George_W_Bush/George_W_Bush_0145.jpg"]
@@ -497,12 +496,7 @@ def test_gallery_figure(frontal, landmarks, tmp_path):
 # ------------------------------------------------------------------------------------------ workflow
 
 def _smk(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
-           *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check and res.returncode != 0:
-        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
+    return snakemake_run(workdir, *args, check=check, timeout=900)
 
 
 def test_bad_mask_config_stops_before_any_job(tmp_path):

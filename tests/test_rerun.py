@@ -16,24 +16,19 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import snakemake_run
 
-REPO = Path(__file__).resolve().parents[1]
 SECRET = {"Qz_Secret_Alpha": None, "Qz_Secret_Bravo": None, "Qz_Secret_Charlie": None}
 
 pytestmark = [pytest.mark.lfw, pytest.mark.slow]
 
 
-def smk(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", "2", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    if check and res.returncode != 0:
-        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
-    return res
+def smk(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return snakemake_run(workdir, *args, check=check, timeout=1200)
 
 
 def _people(lfw: Path, n: int) -> list[str]:

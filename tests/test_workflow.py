@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import snakemake_run
 from PIL import Image
 
 from maskface.manifest import read_provenance
@@ -17,13 +18,7 @@ from maskface.testing import BAD_INPUTS, write_bad_inputs
 REPO = Path(__file__).resolve().parents[1]
 
 
-def smk(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
-           *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if check and res.returncode != 0:
-        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
+smk = snakemake_run
 
 
 def _dataset(root: Path) -> None:
