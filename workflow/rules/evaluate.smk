@@ -55,18 +55,19 @@ def _extract_inputs(wc):
     return inp
 
 
+def _redraws_mask(wc):
+    """Masked features of a source-image embedder: the mask is redrawn in the source photo by the mask stage's
+    renderer, so the job depends on the mask settings and code."""
+    return wc.variant == "masked" and _model_cfg(wc.model)["embedder"] != "sphereface"
+
+
 def _features_code(wc):
-    mods = ["features", "evaluate", "imageio"]
-    if wc.variant == "masked" and _model_cfg(wc.model)["embedder"] != "sphereface":
-        mods.append("mask")  # the mask is redrawn in the source frame by the mask stage's renderer
-    return code(*mods)
+    return code("features", "evaluate", "imageio", *(["mask"] if _redraws_mask(wc) else []))
 
 
 def _features_mask_cfg(wc):
     """The mask settings a source-frame redraw needs (those of the mask stage; None when not redrawing)."""
-    if wc.variant == "masked" and _model_cfg(wc.model)["embedder"] != "sphereface":
-        return mask_cfg()
-    return None
+    return mask_cfg() if _redraws_mask(wc) else None
 
 
 rule extract_features:
