@@ -46,13 +46,15 @@ def ert_predict(gray, rects, init, split_idx1, split_idx2, split_thresh, leaf_va
         sc[p, 0] = init[p, 0] - mx
         sc[p, 1] = init[p, 1] - my
         var += sc[p, 0] * sc[p, 0] + sc[p, 1] * sc[p, 1]
-    # level by level for the whole batch: a level's 4 MB of leaf vectors stay in cache across the faces
+    # Level by level for the whole batch, and within a level tree by tree across the faces: a tree's 16 leaf
+    # vectors (8.7 KB) stay in L1 while every face adds one of them (face-by-face order streamed the level's
+    # 4.3 MB of leaves from L3 for each face: 2.5x slower).
     shape = np.empty((bsz, 2 * npts), np.float32)
     for b in range(bsz):
         for p in range(npts):
             shape[b, 2 * p] = init[p, 0]
             shape[b, 2 * p + 1] = init[p, 1]
-    fv = np.empty(n_feat, np.float32)
+    fv = np.empty((bsz, n_feat), np.float32)
     for lv in range(levels):
         for b in range(bsz):
             left, top = rects[b, 0], rects[b, 1]
@@ -85,24 +87,22 @@ def ert_predict(gray, rects, init, split_idx1, split_idx2, split_thresh, leaf_va
                 px = int(np.floor(left + np.float64(ptx) * sx + 0.5))
                 py = int(np.floor(top + np.float64(pty) * sy + 0.5))
                 if px >= 0 and px < w and py >= 0 and py < h:
-                    fv[f] = gray[b, py, px]
+                    fv[b, f] = gray[b, py, px]
                 else:
-                    fv[f] = 0.0
-            # walk every tree (heap order: children of n are 2n+1 / 2n+2), add its leaf vector
-            i1 = split_idx1[lv]
-            i2 = split_idx2[lv]
-            th = split_thresh[lv]
-            lvals = leaf_values[lv]
-            for t in range(trees):
+                    fv[b, f] = 0.0
+        # walk every tree (heap order: children of n are 2n+1 / 2n+2) for every face, add its leaf vector
+        i1 = split_idx1[lv]
+        i2 = split_idx2[lv]
+        th = split_thresh[lv]
+        lvals = leaf_values[lv]
+        for t in range(trees):
+            for b in range(bsz):
                 node = 0
-                while node < n_split:
-                    if fv[i1[t, node]] - fv[i2[t, node]] > th[t, node]:
-                        node = 2 * node + 1
-                    else:
-                        node = 2 * node + 2
-                row = lvals[t * n_leaf + node - n_split]
+                while node < n_split:        # branch-free step: left when the difference passes
+                    node = 2 * node + 2 - np.int64(fv[b, i1[t, node]] - fv[b, i2[t, node]] > th[t, node])
+                r = t * n_leaf + node - n_split
                 for j in range(2 * npts):
-                    sh[j] += row[j]
+                    shape[b, j] += lvals[r, j]
     for b in range(bsz):
         left, top = rects[b, 0], rects[b, 1]
         sx, sy = rects[b, 2] - rects[b, 0], rects[b, 3] - rects[b, 1]
