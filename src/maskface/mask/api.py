@@ -124,7 +124,7 @@ def _mask_photo(rgb, image_id, cfg, force, upsample) -> MaskResult:
         rec["aligned_status"] = None
         rec["face"] = k
         rec["box"] = [float(v) for v in box]
-        rec["landmarks68"] = [float(v) for v in np.asarray(lm, np.float32).ravel()]
+        rec["landmarks68"] = np.asarray(lm, np.float32).ravel().tolist()
         faces.append(rec)
         skip, yaw = st.face_checks(lm, (h, w), cfg, None)
         rec["yaw_deg"] = None if not np.isfinite(yaw) else float(yaw)

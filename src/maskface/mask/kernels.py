@@ -190,3 +190,251 @@ def image_stats(y, rgb, out):
                 hist_g1[g] += 1
         n1 = (h - 4) * (w - 4)
         out[b, 6] = _quantile_from_hist(hist_g1, min(max(int(0.99 * (n1 - 1)), 0), n1 - 1)) / 16.0
+
+
+# ----------------------------------------------------------------------------------------- rendering
+
+
+@njit(cache=True, nogil=True)
+def surface_coords(x0, y0, rh, rw, ax, ay, mx, my, rx, ry, inv_hw_l, inv_hw_r, u_scale, inv_d, inv_mlen):
+    """Per pixel of the region (rows y0.., columns x0..): ``d`` px from the mask's midline (+ towards the
+    image right; direction (rx, ry)), ``xn`` = d over the half width of its side, ``u`` = arc length on
+    the cylinder (asin of xn clipped to +-0.95, times ``u_scale``), ``v`` = distance down the midline from
+    the apex (direction (mx, my)) in D units, ``vn`` = the same over the midline's length. float32."""
+    d = np.empty((rh, rw), np.float32)
+    xn = np.empty((rh, rw), np.float32)
+    u = np.empty((rh, rw), np.float32)
+    v = np.empty((rh, rw), np.float32)
+    vn = np.empty((rh, rw), np.float32)
+    for i in range(rh):
+        yy = np.float32(y0 + i - ay)
+        for j in range(rw):
+            xx = np.float32(x0 + j - ax)
+            dd = xx * np.float32(rx) + yy * np.float32(ry)
+            vp = xx * np.float32(mx) + yy * np.float32(my)
+            x = dd * np.float32(inv_hw_l) if dd < 0 else dd * np.float32(inv_hw_r)
+            d[i, j] = dd
+            xn[i, j] = x
+            u[i, j] = np.float32(np.arcsin(min(max(x, np.float32(-0.95)), np.float32(0.95))) * u_scale)
+            v[i, j] = vp * np.float32(inv_d)
+            vn[i, j] = vp * np.float32(inv_mlen)
+    return d, xn, u, v, vn
+
+
+@njit(cache=True, nogil=True)
+def _luma(img, i, j):
+    """OpenCV's RGB2GRAY of one uint8 pixel (0.299 R + 0.587 G + 0.114 B, 14-bit fixed point, rounded)."""
+    return (np.int32(img[i, j, 0]) * 4899 + np.int32(img[i, j, 1]) * 9617 + np.int32(img[i, j, 2]) * 1868
+            + 8192) >> 14
+
+
+@njit(cache=True, nogil=True)
+def light_normal_equations(img, a_body, x0, y0, step):
+    """The weighted least-squares system of the face-light fit (see ``render._face_light``), over the grid
+    of every ``step``-th pixel (from ``step // 2``) of the RGB image ``img``; ``a_body`` is the mask's
+    coverage over the region whose corner is (x0, y0). Grid points under the mask (coverage > 0.5) between
+    their 20th and 98th percentile of luminance (lower order statistics, as a sort gives) enter with
+    y = ln(luma + 5) and the monomials [1, x, y, x^2, xy, y^2] of image-normalised coordinates.
+    Returns (A (6, 6), b (6,), sum of y, points used, points covered)."""
+    o = step // 2
+    rh, rw = a_body.shape
+    h, w = img.shape[0], img.shape[1]
+    gh, gw = (h - o + step - 1) // step, (w - o + step - 1) // step
+    hist = np.zeros(256, np.int64)
+    gy0 = -(-(y0 - o) // step)
+    gx0 = -(-(x0 - o) // step)
+    n = 0
+    for gi in range(max(gy0, 0), gh):
+        ry = gi * step + o - y0
+        if ry >= rh:
+            break
+        for gj in range(max(gx0, 0), gw):
+            rx = gj * step + o - x0
+            if rx >= rw:
+                break
+            if a_body[ry, rx] > 0.5:
+                hist[_luma(img, gi * step + o, gj * step + o)] += 1
+                n += 1
+    A = np.zeros((6, 6), np.float64)
+    bv = np.zeros(6, np.float64)
+    if n < 12:
+        return A, bv, 0.0, 0, n
+    lo = 0
+    hi = 0
+    k_lo = int(0.2 * (n - 1))
+    k_hi = int(0.98 * (n - 1))
+    acc = 0
+    found_lo = False
+    for val in range(256):
+        acc += hist[val]
+        if not found_lo and acc > k_lo:
+            lo = val
+            found_lo = True
+        if acc > k_hi:
+            hi = val
+            break
+    s = 1.0 / max(h, w)
+    m = np.empty(6, np.float64)
+    ysum = 0.0
+    used = 0
+    for gi in range(max(gy0, 0), gh):
+        ry = gi * step + o - y0
+        if ry >= rh:
+            break
+        for gj in range(max(gx0, 0), gw):
+            rx = gj * step + o - x0
+            if rx >= rw:
+                break
+            lv = _luma(img, gi * step + o, gj * step + o)
+            if a_body[ry, rx] > 0.5 and lv >= lo and lv <= hi:
+                X = (gj * step + o - w / 2) * s
+                Y = (gi * step + o - h / 2) * s
+                m[0] = 1.0
+                m[1] = X
+                m[2] = Y
+                m[3] = X * X
+                m[4] = X * Y
+                m[5] = Y * Y
+                yv = np.log(lv + 5.0)
+                for p in range(6):
+                    bv[p] += m[p] * yv
+                    for q in range(6):
+                        A[p, q] += m[p] * m[q]
+                ysum += yv
+                used += 1
+    return A, bv, ysum, used, n
+
+
+@njit(cache=True, nogil=True)
+def light_field(coef, ref, x0, y0, rh, rw, h, w):
+    """exp(quadratic fit - ref) over the region, the exponent clipped to ln 0.6 .. ln 1.45. float32."""
+    s = 1.0 / max(h, w)
+    out = np.empty((rh, rw), np.float32)
+    for i in range(rh):
+        Y = (y0 + i - h / 2) * s
+        cy = coef[0] + coef[2] * Y + coef[5] * Y * Y - ref
+        cx = coef[1] + coef[4] * Y
+        for j in range(rw):
+            X = (x0 + j - w / 2) * s
+            f = cy + X * (cx + coef[3] * X)
+            out[i, j] = np.float32(np.exp(min(max(f, -0.51), 0.372)))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def shade_albedo(rgb, shade, light, k):
+    """In place: planar rgb (3, H, W) times shade x light x k[c], capped at 1."""
+    _, rh, rw = rgb.shape
+    for c in range(3):
+        kc = np.float32(k[c])
+        for i in range(rh):
+            for j in range(rw):
+                rgb[c, i, j] = min(rgb[c, i, j] * (shade[i, j] * light[i, j]) * kc, np.float32(1.0))
+
+
+@njit(cache=True, nogil=True)
+def composite(roi, rgb, alpha, a_body, noise, noise_sd, step, out, occ):
+    """The mask over the photo region: ``roi`` (H, W, 3) uint8 photo pixels; ``rgb`` (3, H, W) the mask's
+    premultiplied (blurred) colour, ``alpha`` its (blurred) coverage, ``a_body`` the body's sharp coverage;
+    sensor noise ``noise`` x ``noise_sd`` x alpha added to the colour; a contact shadow on the skin: the
+    body's coverage smeared 1-3 ``step`` px downwards, outside the body, darkening by up to 45 %.
+    Writes ``out`` (H, W, 3) uint8 (rounded, clipped) and ``occ`` (H, W) bool (alpha >= 0.5)."""
+    rh, rw = alpha.shape
+    for i in range(rh):
+        for j in range(rw):
+            sh = np.float32(0.0)
+            for kk in range(1, 4):
+                if kk * step < rh and i >= kk * step:
+                    sh += a_body[i - kk * step, j]
+            sh = sh * np.float32(1.0 / 3.0) - a_body[i, j]
+            if sh < 0:
+                sh = np.float32(0.0)
+            a = alpha[i, j]
+            keep = (np.float32(1.0) - np.float32(0.45) * sh) * (np.float32(1.0) - a)
+            nz = noise[i, j] * (a * np.float32(noise_sd))
+            for c in range(3):
+                val = np.float32(roi[i, j, c]) * keep + (rgb[c, i, j] + nz) * np.float32(255.0) + np.float32(0.5)
+                if val > 255.0:
+                    val = np.float32(255.0)
+                elif val < 0.0:
+                    val = np.float32(0.0)
+                out[i, j, c] = np.uint8(val)
+            occ[i, j] = a >= 0.5
+
+
+# ------------------------------------------------------------------------------------- face checks
+
+YAW_CAL = 1.41          # see landmarks.yaw_from_landmarks
+_YAW_EYE = YAW_CAL * 26.0 / 86.6
+_YAW_MOUTH = YAW_CAL * 24.1 / 57.8
+
+
+@njit(cache=True, nogil=True)
+def yaw_deg(p):
+    """Head yaw from the nose tip's offset between eye corners and mouth corners (landmarks.yaw_from_landmarks)."""
+    ex = p[45, 0] - p[36, 0]
+    ey = p[45, 1] - p[36, 1]
+    n = np.hypot(ex, ey)
+    if n < 1e-9:
+        return np.nan
+    ex /= n
+    ey /= n
+    t = 0.0
+    for k in range(2):
+        a, b, ratio = (36, 45, _YAW_EYE) if k == 0 else (48, 54, _YAW_MOUTH)
+        ua = p[a, 0] * ex + p[a, 1] * ey
+        ub = p[b, 0] * ex + p[b, 1] * ey
+        width = ub - ua
+        if width <= 1e-9:
+            return 90.0
+        t += ((ua + ub) / 2 - (p[30, 0] * ex + p[30, 1] * ey)) / width / ratio
+    return np.degrees(np.arctan(t / 2))
+
+
+@njit(cache=True, nogil=True)
+def face_metrics(p, h, w, t5, use_t5):
+    """The numbers stage.face_checks decides on, for landmarks p (68, 2) float64 of a face in an h x w
+    image: (eye distance D, brow/eye/nose/mouth points more than 0.1 D outside the image, mouth below the
+    eyes in D, nose tip's share of the way from the eyes to the mouth, mean distance of the five points to
+    the template ``t5`` in eye-mouth distances (when ``use_t5``), yaw in degrees)."""
+    elx = 0.0
+    ely = 0.0
+    erx = 0.0
+    ery = 0.0
+    for k in range(6):
+        elx += p[36 + k, 0]
+        ely += p[36 + k, 1]
+        erx += p[42 + k, 0]
+        ery += p[42 + k, 1]
+    elx /= 6.0
+    ely /= 6.0
+    erx /= 6.0
+    ery /= 6.0
+    D = np.hypot(erx - elx, ery - ely)
+    m = 0.1 * D
+    out = 0
+    for k in range(17, 68):
+        if p[k, 0] < -m or p[k, 0] > w - 1 + m or p[k, 1] < -m or p[k, 1] > h - 1 + m:
+            out += 1
+    emx = (elx + erx) / 2
+    emy = (ely + ery) / 2
+    mmx = (p[48, 0] + p[54, 0]) / 2
+    mmy = (p[48, 1] + p[54, 1]) / 2
+    mouth_v = 0.0
+    tip = 0.0
+    if D > 0:
+        exx = (erx - elx) / D
+        exy = (ery - ely) / D
+        mouth_v = ((mmx - emx) * -exy + (mmy - emy) * exx) / D
+    emdx = mmx - emx
+    emdy = mmy - emy
+    tip = ((p[30, 0] - emx) * emdx + (p[30, 1] - emy) * emdy) / max(emdx * emdx + emdy * emdy, 1e-9)
+    err = 0.0
+    if use_t5:
+        scale = np.hypot((t5[3, 0] + t5[4, 0]) / 2 - (t5[0, 0] + t5[1, 0]) / 2,
+                         (t5[3, 1] + t5[4, 1]) / 2 - (t5[0, 1] + t5[1, 1]) / 2)
+        pts = ((elx, ely), (erx, ery), (p[30, 0], p[30, 1]), (p[48, 0], p[48, 1]), (p[54, 0], p[54, 1]))
+        for k in range(5):
+            err += np.hypot(pts[k][0] - t5[k, 0], pts[k][1] - t5[k, 1])
+        err = err / 5.0 / scale
+    return D, out, mouth_v, tip, err, yaw_deg(p)

@@ -395,20 +395,7 @@ def yaw_from_landmarks(lm68: np.ndarray) -> float:
     :func:`head_pose` (cv2.solvePnP on that model) on 996 LFW crops (least squares on tan(yaw); rms
     difference afterwards 3.7 deg). Unscaled, faces that look turned by ~20 deg read 30 deg. Positive: the
     nose points to the image's left (the face's right cheek towards the camera)."""
-    p = np.asarray(lm68, np.float64)
-    ex = p[45] - p[36]
-    n = float(np.hypot(*ex))
-    if n < 1e-9:
-        return float("nan")
-    ex = ex / n
-    u = p @ ex
-    tans = []
-    for a, b, ratio in ((36, 45, _YAW_CAL * 26.0 / 86.6), (48, 54, _YAW_CAL * 24.1 / 57.8)):
-        width = u[b] - u[a]
-        if width <= 1e-9:
-            return 90.0
-        tans.append(((u[a] + u[b]) / 2 - u[30]) / width / ratio)
-    return float(math.degrees(math.atan(float(np.mean(tans)))))
+    from .kernels import yaw_deg
+    return float(yaw_deg(np.ascontiguousarray(lm68, dtype=np.float64).reshape(68, 2)))
 
 
-_YAW_CAL = 1.41

@@ -42,6 +42,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from . import kernels as K
 from . import textures as tx
 
 SHIFT = 4                       # cv2 drawing sub-pixel bits
@@ -440,10 +441,11 @@ def _exposure(stats: dict) -> tuple[float, np.ndarray]:
     """Exposure factor and per-channel colour cast of the mask, both damped: a dark skin is not a dark
     photo, so exposure moves only 65 % of the way with the crop's highlights and the cast with the 0.35th
     power of the mean colour ratio."""
-    e = float(np.clip(0.35 + 0.65 * stats["p90"] / LFW_P90_LUMA, 0.45, 1.2))
-    cast = (np.maximum(stats["mean_rgb"], 1.0) / LFW_MEAN_RGB) ** 0.35
-    cast = np.clip(cast / cast.mean(), 0.9, 1.1).astype(np.float32)
-    return e, cast
+    e = min(max(0.35 + 0.65 * stats["p90"] / LFW_P90_LUMA, 0.45), 1.2)
+    r, g, b = (max(float(c), 1.0) / float(l) for c, l in zip(stats["mean_rgb"], LFW_MEAN_RGB))
+    cast = (r ** 0.35, g ** 0.35, b ** 0.35)
+    m = sum(cast) / 3.0
+    return e, np.array([min(max(c / m, 0.9), 1.1) for c in cast], np.float32)
 
 
 # ------------------------------------------------------------------------------------------- drawing
@@ -499,7 +501,7 @@ def render(img: np.ndarray, lm: np.ndarray, mask_type: str, wear: str, color: st
     if not (a_body > 0.5).any():
         raise SkipFace("mask_outside", "the mask falls outside the image")
     roi8 = img[y0:y1, x0:x1]
-    # surface coordinates, from separable row / column terms
+    # surface coordinates, one compiled pass (kernels.surface_coords)
     ax_, ay_ = float(geo.apex[0]), float(geo.apex[1])
     mx, my = float(geo.low[0]) - ax_, float(geo.low[1]) - ay_
     mlen = max(math.hypot(mx, my), 1e-6)
@@ -507,16 +509,8 @@ def render(img: np.ndarray, lm: np.ndarray, mask_type: str, wear: str, color: st
     rx, ry = -my, mx
     if rx * face.ex[0] + ry * face.ex[1] < 0:
         rx, ry = -rx, -ry
-    xs = np.arange(x0, x1, dtype=np.float32) - np.float32(ax_)
-    ys = (np.arange(y0, y1, dtype=np.float32) - np.float32(ay_))[:, None]
-    d = xs * np.float32(rx) + ys * np.float32(ry)                     # px from the midline, + image right
-    vpx = xs * np.float32(mx) + ys * np.float32(my)                   # px down the midline from the apex
-    xn = d * np.where(d < 0, np.float32(1.0 / geo.hw_l), np.float32(1.0 / geo.hw_r))
-    xc = np.clip(xn, -0.95, 0.95)
-    u = np.arcsin(xc)
-    u *= np.float32((geo.hw_l + geo.hw_r) / 2 / D)
-    v = vpx * np.float32(1.0 / D)
-    vn = vpx * np.float32(1.0 / mlen)                                 # 0 at the apex, 1 at the lowest point
+    d, xn, u, v, vn = K.surface_coords(x0, y0, rh, rw, ax_, ay_, mx, my, rx, ry, 1.0 / geo.hw_l, 1.0 / geo.hw_r,
+                                       (geo.hw_l + geo.hw_r) / 2 / D, 1.0 / D, 1.0 / mlen)
     # one zero-mean, unit-variance noise field: fabric grain (multiplicative) and sensor noise (additive)
     noise = rng.random((rh, rw), dtype=np.float32)
     noise -= np.float32(0.5)
@@ -526,15 +520,13 @@ def render(img: np.ndarray, lm: np.ndarray, mask_type: str, wear: str, color: st
     light = _face_light(img, (x0, y0, x1, y1), a_body)
     expo, cast = _exposure(stats)
     shade = _relief(mask_type, face, geo, prm, xn, vn, d, off, a_body)
-    shade *= light
-    rgb *= shade[None]
-    rgb *= (cast * prm["tint"] * np.float32(expo)).astype(np.float32).reshape(3, 1, 1)
-    np.minimum(rgb, 1.0, out=rgb)
+    K.shade_albedo(rgb, shade, light, (cast * prm["tint"] * np.float32(expo)).astype(np.float32))
     alpha = a_body.copy()
     colour = (cast * np.float32(expo)).astype(np.float32).reshape(3, 1, 1)
     for part in parts:
         _composite_part(part, rgb, alpha, light, colour, off, (rh, rw))
-    # blur matched to the image (premultiplied colour), sensor noise, contact shadow, composite
+    # blur matched to the image (premultiplied colour); then sensor noise, the contact shadow (the body's
+    # coverage smeared 1-3 steps of 0.03 D downwards, light from above) and compositing (kernels.composite)
     sigma = math.sqrt(max(stats["blur"] ** 2 - 0.35 ** 2, 0.0))
     rgb *= alpha[None]
     if sigma > 0.15:
@@ -542,32 +534,10 @@ def render(img: np.ndarray, lm: np.ndarray, mask_type: str, wear: str, color: st
             cv2.GaussianBlur(rgb[c], (0, 0), sigma, dst=rgb[c], borderType=cv2.BORDER_REPLICATE)
         alpha = cv2.GaussianBlur(alpha, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
     noise_sd = float(min(stats["noise"], 6.0)) / 255.0
-    if noise_sd > 0:
-        rgb += (noise * (alpha * np.float32(noise_sd)))[None]
-    # contact shadow: the body's coverage smeared 1-3 steps of 0.03 D downwards (light from above), outside
-    # the body only
-    sh = np.zeros_like(a_body)
-    step = max(int(round(0.03 * D)), 1)
-    for k in (1, 2, 3):
-        if k * step < rh:
-            sh[k * step:] += a_body[:-k * step]
-    sh *= np.float32(1 / 3)
-    sh -= a_body
-    np.maximum(sh, 0.0, out=sh)
-    keep = 1.0 - np.float32(0.45) * sh
-    keep *= 1.0 - alpha
-    out = np.stack(cv2.split(roi8)).astype(np.float32)
-    out *= keep[None]
-    rgb *= np.float32(255.0)
-    out += rgb
-    out += np.float32(0.5)
-    np.minimum(out, np.float32(255.0), out=out)
-    np.maximum(out, np.float32(0.0), out=out)
-    out8 = out.astype(np.uint8)
     result = img.copy()
-    result[y0:y1, x0:x1] = cv2.merge([out8[0], out8[1], out8[2]])
     occ = np.zeros((h, w), bool)
-    occ[y0:y1, x0:x1] = alpha >= 0.5
+    K.composite(roi8, rgb, alpha, a_body, noise, noise_sd, max(int(round(0.03 * D)), 1),
+                result[y0:y1, x0:x1], occ[y0:y1, x0:x1])
     return Rendered(image=result, occlusion=occ, outline=geo.outline, geometry=geo, roi=(x0, y0, x1, y1))
 
 
@@ -621,23 +591,6 @@ def _composite_part(part: Part, rgb, alpha, light, colour, off, size) -> None:
 
 
 _LIGHT_STEP = 3
-_MONO: dict[tuple, tuple] = {}
-
-
-def _monomials(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cached for an image size: the quadratic monomials [1, x, y, x^2, xy, y^2] of the pixel grid in
-    image-normalised coordinates ((6, h, w) float32), the same on every third pixel ((P, 6) float64), and
-    their pairwise products ((P, 36)) for the normal equations."""
-    key = (h, w)
-    if key not in _MONO:
-        s = 1.0 / max(h, w)
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-        X, Y = (xx - w / 2) * s, (yy - h / 2) * s
-        full = np.stack([np.ones_like(X), X, Y, X * X, X * Y, Y * Y]).astype(np.float32)
-        o = _LIGHT_STEP // 2
-        sub = full[:, o::_LIGHT_STEP, o::_LIGHT_STEP].reshape(6, -1).T.astype(np.float64)
-        _MONO[key] = (full, sub, (sub[:, :, None] * sub[:, None, :]).reshape(len(sub), 36))
-    return _MONO[key]
 
 
 def _face_light(img: np.ndarray, roi: tuple, a_body: np.ndarray) -> np.ndarray:
@@ -648,35 +601,14 @@ def _face_light(img: np.ndarray, roi: tuple, a_body: np.ndarray) -> np.ndarray:
     x0, y0, x1, y1 = roi
     h, w = img.shape[:2]
     rh, rw = a_body.shape
-    ones = np.ones((rh, rw), np.float32)
-    full, sub, pairs = _monomials(h, w)
-    o = _LIGHT_STEP // 2
-    luma = cv2.cvtColor(np.ascontiguousarray(img[o::_LIGHT_STEP, o::_LIGHT_STEP]), cv2.COLOR_RGB2GRAY)
-    cover = np.zeros(luma.shape, bool)
-    # body coverage on the same sub-grid (the grid's points that fall inside the region)
-    gy0, gx0 = -(-(y0 - o) // _LIGHT_STEP), -(-(x0 - o) // _LIGHT_STEP)
-    ay, ax_ = gy0 * _LIGHT_STEP + o - y0, gx0 * _LIGHT_STEP + o - x0
-    part = a_body[ay::_LIGHT_STEP, ax_::_LIGHT_STEP] > 0.5
-    cover[gy0:gy0 + part.shape[0], gx0:gx0 + part.shape[1]] = part
-    vals = luma[cover]
-    if vals.size < 12:
-        return ones
-    srt = np.sort(vals)
-    keep = cover & (luma >= srt[int(0.2 * (len(srt) - 1))]) & (luma <= srt[int(0.98 * (len(srt) - 1))])
-    wv = keep.ravel().astype(np.float64)
-    if wv.sum() < 8:
-        return ones
-    yv = np.log(luma.ravel() + 5.0) * wv
+    A, b, ysum, used, covered = K.light_normal_equations(img, a_body, x0, y0, _LIGHT_STEP)
+    if covered < 12 or used < 8:
+        return np.ones((rh, rw), np.float32)
     try:
-        coef = np.linalg.solve((wv @ pairs).reshape(6, 6) + np.eye(6) * 1e-7, yv @ sub)
+        coef = np.linalg.solve(A + np.eye(6) * 1e-7, b)
     except np.linalg.LinAlgError:
-        return ones
-    ref = float(yv.sum() / wv.sum())
-    fit = np.tensordot(coef.astype(np.float32), full[:, y0:y1, x0:x1], axes=1)
-    fit -= np.float32(ref)
-    np.minimum(fit, np.float32(0.372), out=fit)       # ln 1.45
-    np.maximum(fit, np.float32(-0.51), out=fit)       # ln 0.6
-    return np.exp(fit)
+        return np.ones((rh, rw), np.float32)
+    return K.light_field(coef, ysum / used, x0, y0, rh, rw, h, w)
 
 
 def _band(a_body: np.ndarray, width: float) -> np.ndarray:

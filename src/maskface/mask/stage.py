@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import landmarks as lmk
+from .kernels import face_metrics as _face_metrics
 from . import render as rd
 from . import textures as tx
 
@@ -283,42 +284,32 @@ def face_checks(lm: np.ndarray, size_hw: tuple[int, int], cfg: MaskConfig,
         return rd.SkipFace("too_small", f"crop {w}x{h} px is under 24 px a side"), float("nan")
     if not np.isfinite(lm).all():
         return rd.SkipFace("bad_landmarks", "non-finite landmarks"), float("nan")
-    eye_l, eye_r = lm[36:42].sum(0) / 6.0, lm[42:48].sum(0) / 6.0
-    D = float(np.hypot(*(eye_r - eye_l)))
+    D, n_out, mouth_v, tip, err, yaw = _face_metrics(
+        np.ascontiguousarray(lm).reshape(68, 2), h, w,
+        _NO_T5 if template5 is None else np.ascontiguousarray(template5, dtype=np.float64).reshape(5, 2),
+        template5 is not None)
     if D < cfg.min_eye_px:
         return rd.SkipFace("too_small", f"eye distance {D:.1f} px < min_eye_px {cfg.min_eye_px:g}"), float("nan")
-    inner = lm[17:68]
-    m = 0.1 * D
-    lo, hi = inner.min(0), inner.max(0)
-    if lo[0] < -m or lo[1] < -m or hi[0] > w - 1 + m or hi[1] > h - 1 + m:
-        out = (inner[:, 0] < -m) | (inner[:, 0] > w - 1 + m) | (inner[:, 1] < -m) | (inner[:, 1] > h - 1 + m)
+    if n_out:
         return rd.SkipFace("landmarks_outside",
-                           f"{int(out.sum())} brow/eye/nose/mouth landmarks outside the image"), float("nan")
-    ex = (eye_r - eye_l) / D
-    mouth_v = float(((lm[48] + lm[54]) / 2 - (eye_l + eye_r) / 2) @ np.array([-ex[1], ex[0]]))
-    if not 0.5 * D <= mouth_v <= 2.5 * D:
-        return rd.SkipFace("bad_landmarks", f"mouth {mouth_v / D:.2f} D below the eyes (0.5-2.5 expected)"), \
+                           f"{n_out} brow/eye/nose/mouth landmarks outside the image"), float("nan")
+    if not 0.5 <= mouth_v <= 2.5:
+        return rd.SkipFace("bad_landmarks", f"mouth {mouth_v:.2f} D below the eyes (0.5-2.5 expected)"), \
             float("nan")
-    eye_m = (eye_l + eye_r) / 2
-    em = (lm[48] + lm[54]) / 2 - eye_m
-    tip = float((lm[30] - eye_m) @ em) / max(float(em @ em), 1e-9)
     if not PITCH_TIP_RANGE[0] <= tip <= PITCH_TIP_RANGE[1]:
         return rd.SkipFace("pitch", f"nose tip at {tip:.2f} of the way from the eyes to the mouth (outside "
                                     f"{PITCH_TIP_RANGE[0]:g}-{PITCH_TIP_RANGE[1]:g}): head tilted too far up "
                                     f"or down for the 68-point fit"), float("nan")
-    if template5 is not None:
-        t = np.asarray(template5, np.float64)
-        p5 = np.stack([eye_l, eye_r, lm[30], lm[48], lm[54]])
-        scale = float(np.hypot(*((t[3] + t[4]) / 2 - (t[0] + t[1]) / 2)))
-        err = float(np.linalg.norm(p5 - t, axis=1).mean()) / scale
-        if err > 0.3:
-            return rd.SkipFace("landmarks_disagree",
-                               f"68-point fit is {err:.2f} eye-mouth distances from the aligned template"), \
-                float("nan")
-    yaw = lmk.yaw_from_landmarks(lm)
+    if template5 is not None and err > 0.3:
+        return rd.SkipFace("landmarks_disagree",
+                           f"68-point fit is {err:.2f} eye-mouth distances from the aligned template"), \
+            float("nan")
     if abs(yaw) > cfg.max_yaw_deg:
         return rd.SkipFace("yaw", f"yaw {yaw:+.1f} deg beyond max_yaw_deg {cfg.max_yaw_deg:g}"), yaw
     return None, yaw
+
+
+_NO_T5 = np.zeros((5, 2))
 
 
 # ------------------------------------------------------------------------------------ per-image work
@@ -401,7 +392,7 @@ def mask_one(crop: np.ndarray, lm: np.ndarray, image_id: str, cfg: MaskConfig, r
              wear: Optional[str] = None, color: Optional[str] = None, texture: Optional[str] = None,
              keep_arrays: bool = False, stats: Optional[dict] = None) -> dict:
     """Check, draw and encode one face of a crop whose landmarks are known; fills and returns ``rec``."""
-    rec["landmarks68"] = [float(v) for v in np.asarray(lm, np.float32).ravel()]
+    rec["landmarks68"] = np.asarray(lm, np.float32).ravel().tolist()
     skip, yaw = face_checks(lm, crop.shape[:2], cfg, template5)
     rec["yaw_deg"] = None if not np.isfinite(yaw) else float(yaw)
     if skip is not None:
