@@ -438,3 +438,244 @@ def face_metrics(p, h, w, t5, use_t5):
             err += np.hypot(pts[k][0] - t5[k, 0], pts[k][1] - t5[k, 1])
         err = err / 5.0 / scale
     return D, out, mouth_v, tip, err, yaw_deg(p)
+
+
+# ---------------------------------------------------------------------------------------- geometry
+
+
+@njit(cache=True, nogil=True)
+def _keep_clear(curve, lm, groups, glen, margins, above, ox, oy, exx, exy, eyx, eyy, D):
+    """render._keep_below for every group of ``groups`` (rows of landmark indices, ``glen`` used) at once,
+    in place: points of ``curve`` are pushed along ey (down, or up when ``above``) until they lie
+    ``margins[g]`` px beyond the polyline through the group's landmarks, over its extent across the face
+    (+- 0.1 D). Works in face coordinates (u along ex, v along ey); the curve is rewritten only if a point
+    moved."""
+    n = curve.shape[0]
+    cu = np.empty(n)
+    cv = np.empty(n)
+    for i in range(n):
+        dx = curve[i, 0] - ox
+        dy = curve[i, 1] - oy
+        cu[i] = dx * exx + dy * exy
+        cv[i] = dx * eyx + dy * eyy
+    ext = 0.1 * D
+    sgn = -1.0 if above else 1.0
+    moved = False
+    gu = np.empty(groups.shape[1] + 2)
+    gv = np.empty(groups.shape[1] + 2)
+    pu = np.empty(groups.shape[1])
+    pv = np.empty(groups.shape[1])
+    for g in range(groups.shape[0]):
+        m = glen[g]
+        for k in range(m):
+            dx = lm[groups[g, k], 0] - ox
+            dy = lm[groups[g, k], 1] - oy
+            pu[k] = dx * exx + dy * exy
+            pv[k] = dx * eyx + dy * eyy
+        order = np.argsort(pu[:m])
+        for k in range(m):
+            gu[k + 1] = pu[order[k]]
+            gv[k + 1] = sgn * (pv[order[k]] + sgn * margins[g])
+        gu[0] = gu[1] - ext
+        gv[0] = gv[1]
+        gu[m + 1] = gu[m] + ext
+        gv[m + 1] = gv[m]
+        for i in range(n):
+            x = cu[i]
+            if x < gu[0] or x > gu[m + 1]:
+                continue                      # outside the polyline's extent: np.interp's -inf
+            j = 0
+            while j < m and x > gu[j + 1]:
+                j += 1
+            span = gu[j + 1] - gu[j]
+            lim = gv[j] if span <= 0 else gv[j] + (gv[j + 1] - gv[j]) * (x - gu[j]) / span
+            if sgn * cv[i] < lim:
+                cv[i] = sgn * lim
+                moved = True
+    if moved:
+        for i in range(n):
+            curve[i, 0] = ox + cu[i] * exx + cv[i] * eyx
+            curve[i, 1] = oy + cu[i] * exy + cv[i] * eyy
+
+
+@njit(cache=True, nogil=True)
+def _jaw_point(lm, normals, i, off):
+    i = min(max(i, 0.0), 16.0)
+    lo = int(i)
+    hi = min(lo + 1, 16)
+    f = i - lo
+    px = lm[lo, 0] * (1 - f) + lm[hi, 0] * f
+    py = lm[lo, 1] * (1 - f) + lm[hi, 1] * f
+    nx = normals[lo, 0] * (1 - f) + normals[hi, 0] * f
+    ny = normals[lo, 1] * (1 - f) + normals[hi, 1] * f
+    nn = max(np.hypot(nx, ny), 1e-9)
+    return px + nx / nn * off, py + ny / nn * off
+
+
+@njit(cache=True, nogil=True)
+def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, margins_a, jit):
+    """The mask outline of one type and wear on a face (render.build_geometry, which documents the shape).
+
+    lm (68, 2) float64. tg: the type's [top_sag, round, side_off, chin_off, corner_in, side_len,
+    chin_point]; wg: the wear's [apex landmark a, b, fraction, c_top, chin_extra]; groups_b / groups_a:
+    landmark polylines the top edge stays below / above (rows padded, ``glen`` used, margins in px);
+    jit: [apex, corner, side, chin, sag] per-image offsets.
+    Returns (top, bottom, outline, side_l, side_r, apex, low, hw_l, hw_r)."""
+    # face frame: eye centres, D, ex along the eye line, ey down; outward jaw normals
+    elx = 0.0
+    ely = 0.0
+    erx = 0.0
+    ery = 0.0
+    for k in range(6):
+        elx += lm[36 + k, 0]
+        ely += lm[36 + k, 1]
+        erx += lm[42 + k, 0]
+        ery += lm[42 + k, 1]
+    elx /= 6.0
+    ely /= 6.0
+    erx /= 6.0
+    ery /= 6.0
+    D = np.hypot(erx - elx, ery - ely)
+    exx = (erx - elx) / D
+    exy = (ery - ely) / D
+    eyx = -exy
+    eyy = exx
+    ox = (elx + erx) / 2
+    oy = (ely + ery) / 2
+    cx = 0.0
+    cy = 0.0
+    for k in range(27, 36):
+        cx += lm[k, 0]
+        cy += lm[k, 1]
+    cx /= 9.0
+    cy /= 9.0
+    normals = np.empty((17, 2))
+    for k in range(17):
+        a = max(k - 1, 0)
+        b = min(k + 1, 16)
+        tx = lm[b, 0] - lm[a, 0]
+        ty = lm[b, 1] - lm[a, 1]
+        nx, ny = ty, -tx
+        nn = max(np.hypot(nx, ny), 1e-9)
+        nx /= nn
+        ny /= nn
+        s = (lm[k, 0] - cx) * nx + (lm[k, 1] - cy) * ny
+        if s < 0:
+            nx, ny = -nx, -ny
+        normals[k, 0] = nx
+        normals[k, 1] = ny
+    top_sag, rnd, side_off, chin_off, corner_in, side_len, chin_point = tg[0], tg[1], tg[2], tg[3], tg[4], tg[5], tg[6]
+    ia, ib = int(wg[0]), int(wg[1])
+    fa = wg[2] + jit[0]
+    apx = lm[ia, 0] + (lm[ib, 0] - lm[ia, 0]) * fa
+    apy = lm[ia, 1] + (lm[ib, 1] - lm[ia, 1]) * fa
+    c_top = min(max(wg[3] + jit[1], 0.0), 6.0)
+    n_half = 13 if D < 60 else 25
+    k = max(int(round((8.0 - c_top) * 3)), 4)
+    c_lo_l = min(c_top + side_len, 7.0)
+    c_lo_r = max(16.0 - c_top - side_len, 9.0)
+    n1 = k + 1
+    side = side_off + jit[2]
+    chin = chin_off + wg[4] + jit[3]
+    span = max(8.0 - c_top, 1e-6)
+
+    def offset(i):
+        d8 = abs(i - 8.0)
+        wgt = min(max(1.0 - d8 / span, 0.0), 1.0) ** 1.5
+        return (side + (chin - side) * wgt + chin_point * min(max(1.0 - d8 / 2.5, 0.0), 1.0)) * D
+
+    cont_l = np.empty((n1, 2))
+    cont_r = np.empty((n1, 2))
+    for q in range(n1):
+        t = q / (n1 - 1)
+        i = c_top + (8.0 - c_top) * t
+        cont_l[q, 0], cont_l[q, 1] = _jaw_point(lm, normals, i, offset(i))
+        i = 8.0 + (8.0 - c_top) * t
+        cont_r[q, 0], cont_r[q, 1] = _jaw_point(lm, normals, i, offset(i))
+    bottom = np.empty((2 * n_half - 1, 2))
+    for q in range(n_half):
+        t = q / (n_half - 1)
+        i = c_lo_l + (8.0 - c_lo_l) * t
+        bottom[q, 0], bottom[q, 1] = _jaw_point(lm, normals, i, offset(i))
+        if q > 0:
+            i = 8.0 + (c_lo_r - 8.0) * t
+            bottom[n_half - 1 + q, 0], bottom[n_half - 1 + q, 1] = _jaw_point(lm, normals, i, offset(i))
+    side_l = np.empty((5, 2))
+    side_r = np.empty((5, 2))
+    for q in range(5):
+        t = q / 4.0
+        i = c_top + (c_lo_l - c_top) * t
+        side_l[q, 0], side_l[q, 1] = _jaw_point(lm, normals, i, offset(i))
+        i = (16.0 - c_top) + (c_lo_r - 16.0 + c_top) * t
+        side_r[q, 0], side_r[q, 1] = _jaw_point(lm, normals, i, offset(i))
+    m3x, m3y = _jaw_point(lm, normals, 3.0, offset(3.0))
+    lowx, lowy = _jaw_point(lm, normals, 8.0, offset(8.0))
+    m13x, m13y = _jaw_point(lm, normals, 13.0, offset(13.0))
+    # midline (apex -> lowest point) and its normal towards the image-right half of the face
+    mx = lowx - apx
+    my = lowy - apy
+    ml = max(np.hypot(mx, my), 1e-9)
+    rx = -my / ml
+    ry = mx / ml
+    if rx * exx + ry * exy < 0:
+        rx, ry = -rx, -ry
+    # top edge: two cubics corner -> apex, apex tangent between pointed (towards the corner) and round
+    sgx = eyx * (top_sag + jit[4]) * D
+    sgy = eyy * (top_sag + jit[4]) * D
+    top = np.empty((2 * n_half - 1, 2))
+    for half in range(2):
+        if half == 0:
+            c0x, c0y = cont_l[0, 0], cont_l[0, 1]
+            sgn = -1.0
+        else:
+            c0x, c0y = cont_r[n1 - 1, 0], cont_r[n1 - 1, 1]
+            sgn = 1.0
+        pr = ((c0x - apx) * rx + (c0y - apy) * ry) * corner_in
+        c0x -= rx * pr
+        c0y -= ry * pr
+        tcx = c0x - apx
+        tcy = c0y - apy
+        lc = max(np.hypot(tcx, tcy), 1e-9)
+        tnx = tcx * ((1 - rnd) / lc) + exx * (sgn * rnd)
+        tny = tcy * ((1 - rnd) / lc) + exy * (sgn * rnd)
+        tn = max(np.hypot(tnx, tny), 1e-9)
+        tnx /= tn
+        tny /= tn
+        p1x = c0x + (apx - c0x) * 0.35 + sgx
+        p1y = c0y + (apy - c0y) * 0.35 + sgy
+        p2x = apx + tnx * (lc * 0.35)
+        p2y = apy + tny * (lc * 0.35)
+        for q in range(n_half):
+            t = q / (n_half - 1)
+            b0 = (1 - t) ** 3
+            b1 = 3 * (1 - t) ** 2 * t
+            b2 = 3 * (1 - t) * t * t
+            b3 = t ** 3
+            x = b0 * c0x + b1 * p1x + b2 * p2x + b3 * apx
+            y = b0 * c0y + b1 * p1y + b2 * p2y + b3 * apy
+            if half == 0:
+                top[q, 0] = x
+                top[q, 1] = y
+            elif q < n_half - 1:
+                top[2 * n_half - 2 - q, 0] = x
+                top[2 * n_half - 2 - q, 1] = y
+    _keep_clear(top, lm, groups_b, glen_b, margins_b, False, ox, oy, exx, exy, eyx, eyy, D)
+    if groups_a.shape[0]:
+        _keep_clear(top, lm, groups_a, glen_a, margins_a, True, ox, oy, exx, exy, eyx, eyy, D)
+    nt = top.shape[0]
+    outline = np.empty((nt + 2 * (n1 - 2) + 1, 2))
+    outline[:nt] = top
+    q = nt
+    for i in range(n1 - 2, 0, -1):
+        outline[q] = cont_r[i]
+        q += 1
+    for i in range(n1 - 1, 0, -1):
+        outline[q] = cont_l[i]
+        q += 1
+    side_l[0] = top[0]
+    side_r[0] = top[nt - 1]
+    hw_l = max((apx - m3x) * rx + (apy - m3y) * ry, 0.2 * D)
+    hw_r = max((m13x - apx) * rx + (m13y - apy) * ry, 0.2 * D)
+    apex = np.array([apx, apy])
+    low = np.array([lowx, lowy])
+    return top, bottom, outline, side_l, side_r, apex, low, hw_l, hw_r

@@ -67,14 +67,11 @@ class SkipFace(Exception):
 
 # ------------------------------------------------------------------------------------------ the frame
 
-_JAW_IDX = np.arange(17, dtype=np.float64)
-
-
 class FaceFrame:
     """Landmark-derived frame of one face: eye centres, D, the unit vectors ex (eye line) and ey (down)."""
 
     def __init__(self, lm: np.ndarray):
-        lm = np.asarray(lm, np.float64).reshape(68, 2)
+        lm = np.ascontiguousarray(lm, dtype=np.float64).reshape(68, 2)
         self.lm = lm
         self.eye_l = lm[36:42].sum(0) / 6.0
         self.eye_r = lm[42:48].sum(0) / 6.0
@@ -85,40 +82,6 @@ class FaceFrame:
         self.ex = np.array([ex / self.D, ey / self.D])
         self.ey = np.array([-self.ex[1], self.ex[0]])
         self.origin = (self.eye_l + self.eye_r) / 2
-        self.basis = np.stack([self.ex, self.ey], axis=1)      # columns: ex, ey
-        self.centre = lm[27:36].sum(0) / 9.0
-        j = lm[:17]
-        t = np.empty_like(j)
-        t[1:-1] = j[2:] - j[:-2]
-        t[0], t[-1] = j[1] - j[0], j[-1] - j[-2]
-        n = np.stack([t[:, 1], -t[:, 0]], -1)
-        n /= np.maximum(np.sqrt((n * n).sum(1, keepdims=True)), 1e-9)
-        sign = np.sign(((j - self.centre) * n).sum(1, keepdims=True))
-        self.normals = n * np.where(sign == 0, 1.0, sign)          # outward unit normals of the jaw
-
-    def uv(self, p: np.ndarray) -> np.ndarray:
-        """Face-frame coordinates (along ex, along ey) of points (n, 2), origin at the eye midpoint."""
-        return (np.asarray(p, np.float64) - self.origin) @ self.basis
-
-    def from_uv(self, uv: np.ndarray) -> np.ndarray:
-        return self.origin + uv @ self.basis.T
-
-    def jaw(self, idx) -> np.ndarray:
-        """Jaw contour at fractional indices (0..16), linear between landmarks."""
-        i = np.clip(np.asarray(idx, np.float64), 0, 16)
-        return np.stack([np.interp(i, _JAW_IDX, self.lm[:17, 0]), np.interp(i, _JAW_IDX, self.lm[:17, 1])], -1)
-
-    def jaw_offset(self, idx: np.ndarray, off: np.ndarray) -> np.ndarray:
-        """Jaw contour points at fractional indices pushed outwards by ``off`` px along the (interpolated)
-        contour normal."""
-        i = np.clip(idx, 0, 16)
-        lo = i.astype(np.int64)
-        hi = np.minimum(lo + 1, 16)
-        f = (i - lo)[:, None]
-        p = self.lm[lo] * (1 - f) + self.lm[hi] * f
-        n = self.normals[lo] * (1 - f) + self.normals[hi] * f
-        n /= np.maximum(np.sqrt((n * n).sum(1, keepdims=True)), 1e-9)
-        return p + n * off[:, None]
 
 
 # ------------------------------------------------------------------------------------- type geometry
@@ -154,7 +117,6 @@ WEAR_GEOM = {
 }
 
 _UNITS: dict[int, np.ndarray] = {}
-_BERN: dict[int, np.ndarray] = {}
 
 
 def _unit(n: int) -> np.ndarray:
@@ -163,15 +125,6 @@ def _unit(n: int) -> np.ndarray:
     if u is None:
         u = _UNITS[n] = np.linspace(0.0, 1.0, n)[:, None]
     return u
-
-
-def _bern(n: int) -> np.ndarray:
-    """Cubic Bernstein basis at n parameters (n, 4), cached."""
-    b = _BERN.get(n)
-    if b is None:
-        t = _unit(n)[:, 0]
-        b = _BERN[n] = np.stack([(1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t * t, t ** 3], 1)
-    return b
 
 
 @dataclass
@@ -208,92 +161,36 @@ class Geometry:
 
 
 def build_geometry(face: FaceFrame, mask_type: str, wear: str, jit: dict) -> Geometry:
-    """The mask outline of ``mask_type`` worn ``wear`` on ``face``. ``jit``: per-image random offsets."""
-    g = TYPE_GEOM[mask_type]
-    w = WEAR_GEOM[wear]
-    lm, D = face.lm, face.D
-    a, b, f = w["apex"]
-    apex = lm[a] + (lm[b] - lm[a]) * (f + jit.get("apex", 0.0))
-    c_top = min(max(w["c_top"] + jit.get("corner", 0.0), 0.0), 6.0)
-    n_half = 13 if D < 60 else 25
-    k = max(int(round((8.0 - c_top) * 3)), 4)
-    c_lo_l, c_lo_r = min(c_top + g["side_len"], 7.0), max(16.0 - c_top - g["side_len"], 9.0)
-    # every jaw index needed, evaluated at once: contour left/right, lower contour l/r, sides l/r, mid
-    u = _unit(k + 1)[:, 0]
-    uh = _unit(n_half)[:, 0]
-    u5 = _unit(5)[:, 0]
-    idx = np.concatenate([c_top + (8.0 - c_top) * u, 8.0 + (8.0 - c_top) * u,
-                          c_lo_l + (8.0 - c_lo_l) * uh, 8.0 + (c_lo_r - 8.0) * uh,
-                          c_top + (c_lo_l - c_top) * u5, (16.0 - c_top) + (c_lo_r - 16.0 + c_top) * u5,
-                          _MID_IDX])
-    dist8 = np.abs(idx - 8.0)
-    wgt = np.clip(1.0 - dist8 / max(8.0 - c_top, 1e-6), 0.0, 1.0) ** 1.5
-    side = g["side_off"] + jit.get("side", 0.0)
-    off = (side + (g["chin_off"] + w["chin_extra"] + jit.get("chin", 0.0) - side) * wgt
-           + g["chin_point"] * np.clip(1.0 - dist8 / 2.5, 0.0, 1.0)) * D
-    pts = face.jaw_offset(idx, off)
-    n1 = k + 1
-    cont_l, cont_r = pts[:n1], pts[n1:2 * n1]
-    i0 = 2 * n1
-    lo_l, lo_r = pts[i0:i0 + n_half], pts[i0 + n_half:i0 + 2 * n_half]
-    i0 += 2 * n_half
-    side_l, side_r = pts[i0:i0 + 5].copy(), pts[i0 + 5:i0 + 10].copy()
-    mid3, low, mid13 = pts[i0 + 10], pts[i0 + 11], pts[i0 + 12]
-    # midline direction (apex -> lowest point) and its normal towards the image-right half of the face
-    mx, my = float(low[0] - apex[0]), float(low[1] - apex[1])
-    ml = max(math.hypot(mx, my), 1e-9)
-    rx, ry = -my / ml, mx / ml
-    if rx * face.ex[0] + ry * face.ex[1] < 0:
-        rx, ry = -rx, -ry
-    right = np.array([rx, ry])
-    ci = g["corner_in"]
-    cl = cont_l[0] - right * (float((cont_l[0] - apex) @ right) * ci)
-    cr = cont_r[-1] - right * (float((cont_r[-1] - apex) @ right) * ci)
-    # top edge: two cubics corner -> apex, apex tangent between pointed (towards the corner) and round
-    sag = face.ey * ((g["top_sag"] + jit.get("sag", 0.0)) * D)
-    rnd = g["round"]
-    ctrl = []
-    for c, sgn in ((cl, -1.0), (cr, 1.0)):
-        to_c = c - apex
-        lc = max(math.hypot(*to_c), 1e-9)
-        tan = to_c * ((1 - rnd) / lc) + face.ex * (sgn * rnd)
-        tan *= 1.0 / max(math.hypot(*tan), 1e-9)
-        ctrl.append(np.stack([c, c + (apex - c) * 0.35 + sag, apex + tan * (lc * 0.35), apex]))
-    halves = _bern(n_half) @ np.concatenate(ctrl, axis=1)             # (n_half, 4): left xy, right xy
-    top = np.concatenate([halves[:, :2], halves[-2::-1, 2:]])
-    top = _keep_below(face, top, w["keep_below"], w["margin"] * D)
-    if "keep_above" in w:
-        top = _keep_below(face, top, w["keep_above"], w["margin_above"] * D, above=True)
-    outline = np.concatenate([top, cont_r[-2:0:-1], cont_l[-1:0:-1]])
-    bottom = np.concatenate([lo_l, lo_r[1:]])
-    side_l[0], side_r[0] = top[0], top[-1]
-    hw_l = max(float((apex - mid3) @ right), 0.2 * D)
-    hw_r = max(float((mid13 - apex) @ right), 0.2 * D)
-    return Geometry(outline=outline, top=top, bottom=bottom, apex=apex, low=low, hw_l=hw_l, hw_r=hw_r,
-                    side_l=side_l, side_r=side_r)
+    """The mask outline of ``mask_type`` worn ``wear`` on ``face``. ``jit``: per-image random offsets.
+    Computed by :func:`maskface.mask.kernels.mask_geometry` (the construction is described at the top of
+    this module and in TYPE_GEOM / WEAR_GEOM)."""
+    tg, wg, below, above = _GEOM_ARRAYS[(mask_type, wear)]
+    j = np.array([jit.get("apex", 0.0), jit.get("corner", 0.0), jit.get("side", 0.0), jit.get("chin", 0.0),
+                  jit.get("sag", 0.0)], np.float64)
+    D = face.D
+    top, bottom, outline, side_l, side_r, apex, low, hw_l, hw_r = K.mask_geometry(
+        face.lm, tg, wg, below[0], below[1], below[2] * D, above[0], above[1], above[2] * D, j)
+    return Geometry(outline=outline, top=top, bottom=bottom, apex=apex, low=low, hw_l=float(hw_l),
+                    hw_r=float(hw_r), side_l=side_l, side_r=side_r)
 
 
-_MID_IDX = np.array([3.0, 8.0, 13.0])
+def _groups(groups, margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Landmark polylines as a padded index array, their lengths, and their margins (D units)."""
+    n = max((len(g) for g in groups), default=1)
+    idx = np.zeros((len(groups), n), np.int64)
+    for i, g in enumerate(groups):
+        idx[i, :len(g)] = g
+    return idx, np.array([len(g) for g in groups], np.int64), np.full(len(groups), margin, np.float64)
 
 
-def _keep_below(face: FaceFrame, curve: np.ndarray, groups, margin: float, above: bool = False) -> np.ndarray:
-    """Push points of ``curve`` down (along ey) until they lie ``margin`` px below each polyline through the
-    landmarks of ``groups`` (lower eyelids, nostrils, lower lip), over that polyline's extent across the
-    face (+- 0.1 D). ``above``: push up instead, to ``margin`` px above the polylines (upper lip)."""
-    uv = face.uv(curve)
-    ext = 0.1 * face.D
-    moved = False
-    sgn = -1.0 if above else 1.0
-    for group in groups:
-        gp = face.uv(face.lm[list(group)])
-        gp = gp[np.argsort(gp[:, 0])]
-        gu = np.concatenate([[gp[0, 0] - ext], gp[:, 0], [gp[-1, 0] + ext]])
-        gv = sgn * (np.concatenate([[gp[0, 1]], gp[:, 1], [gp[-1, 1]]]) + sgn * margin)
-        limit = np.interp(uv[:, 0], gu, gv, left=-np.inf, right=-np.inf)
-        if (sgn * uv[:, 1] < limit).any():
-            uv[:, 1] = sgn * np.maximum(sgn * uv[:, 1], limit)
-            moved = True
-    return face.from_uv(uv) if moved else curve
+_GEOM_ARRAYS = {
+    (t, w): (np.array([g["top_sag"], g["round"], g["side_off"], g["chin_off"], g["corner_in"], g["side_len"],
+                       g["chin_point"]], np.float64),
+             np.array([*wg["apex"], wg["c_top"], wg["chin_extra"]], np.float64),
+             _groups(wg["keep_below"], wg["margin"]),
+             _groups(wg.get("keep_above", ()), wg.get("margin_above", 0.0)))
+    for t, g in TYPE_GEOM.items() for w, wg in WEAR_GEOM.items()
+}
 
 
 # --------------------------------------------------------------------------------------- accessories
