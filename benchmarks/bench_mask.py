@@ -15,14 +15,16 @@ points inside the crop; a second run compared byte for byte, and a run with anot
 Speed, one process, one thread (OpenCV and torch limited to one), CPU time (``time.process_time``) so that
 other jobs on a shared machine count less; wall time printed too. Rates are crops per CPU-second, i.e. per
 core:
-  ours/core     decoded crops in memory -> landmarks (batched) + checks + drawing + the two PNG encodes
+  ours/core     decoded crops in memory -> landmarks and image statistics (batched, as the stage does) +
+                checks + drawing + the two PNG encodes
   ours/e2e      + decoding the aligned PNGs: what a shard job does per crop
   baseline      the MaskTheFace way, per image: dlib HOG detector (upsample 1, as MaskTheFace calls it)
                 on the crop + dlib's 68-point predictor + six target points + one cv2.findHomography +
                 warpPerspective of a stock RGBA mask picture (drawn procedurally here, 600x420) + brightness
                 matched on V + hard alpha edge (+ PNG encode / decode in the e2e variant)
-The two are measured interleaved, in blocks of 50 crops, so that load changes on the machine hit both alike;
-the ratio ours/baseline is printed.
+The two are measured interleaved, in blocks of the stage's batch (mask.batch, 128 crops), so that load changes
+on the machine hit both alike, after one warm-up call of each (model loads, numba compilation); the ratio
+ours/baseline is printed.
 """
 from __future__ import annotations
 
@@ -198,23 +200,22 @@ def baseline_mask(crop: np.ndarray) -> np.ndarray | None:
 
 # ------------------------------------------------------------------------------------------------ speed
 
-def speed(items: list[dict], cfg: S.MaskConfig, block: int = 50, rounds: int = 1) -> dict:
+def speed(items: list[dict], cfg: S.MaskConfig, block: int = 0, rounds: int = 1) -> dict:
     S.limit_threads()
+    block = block or cfg.batch          # the stage's own batch (landmarks are predicted batch by batch)
     crops = [S.decode_crop(it["png"]) for it in items]
     t5 = S.template_points("sphereface_112x96", (112, 96))
     box = L.face_box_from_points5(t5)
-    # warm up both (model loads, imports)
-    S._process_chunk(items[:4], cfg, {})
-    baseline_mask(crops[0])
     acc = {k: [0.0, 0.0, 0] for k in ("ours_core", "ours_e2e", "base_core", "base_e2e")}
     base_found = 0
 
     def ours_core(idx):
         imgs = np.stack([crops[i] for i in idx])
         lms = S.landmark_crops(imgs, box, cfg)
-        for i, lm in zip(idx, lms):
+        stats = R.image_stats_batch(imgs)
+        for i, lm, st in zip(idx, lms, stats):
             rec = S._blank(items[i]["image_id"], "", 0, cfg)
-            S.mask_one(crops[i], lm, items[i]["image_id"], cfg, rec, template5=t5)
+            S.mask_one(crops[i], lm, items[i]["image_id"], cfg, rec, template5=t5, stats=st)
 
     def ours_e2e(idx):
         S._process_chunk([items[i] for i in idx], cfg, {})
@@ -232,6 +233,9 @@ def speed(items: list[dict], cfg: S.MaskConfig, block: int = 50, rounds: int = 1
                 S.encode_rgb_png(out)
 
     fns = {"ours_core": ours_core, "ours_e2e": ours_e2e, "base_core": base_core, "base_e2e": base_e2e}
+    for fn in fns.values():           # warm up every path (model loads, imports, numba compilation)
+        fn(list(range(min(4, len(items)))))
+    base_found = 0
     for _ in range(rounds):
         for k0 in range(0, len(items), block):
             idx = list(range(k0, min(k0 + block, len(items))))
@@ -256,7 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=1000, help="faces for the acceptance numbers")
     ap.add_argument("--order", choices=["sha1", "image_id"], default="sha1",
                     help="which n faces: first by sha1(image_id) (pseudo-random, default) or by image_id")
-    ap.add_argument("--speed-n", type=int, default=300, help="faces for the timing")
+    ap.add_argument("--speed-n", type=int, default=384, help="faces for the timing")
     ap.add_argument("--skip-acceptance", action="store_true")
     ap.add_argument("--json", help="write all numbers here")
     args = ap.parse_args(argv)

