@@ -16,10 +16,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+# error_model="numpy": a division by zero gives inf / nan (checked by the callers) instead of raising, and
+# the loops carry no zero checks
+_jit = njit(cache=True, nogil=True, error_model="numpy")
+
 # --------------------------------------------------------------------------------- regression trees
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def ert_predict(gray, rects, init, split_idx1, split_idx2, split_thresh, leaf_values, anchor_idx, deltas,
                 out):
     """dlib's ``shape_predictor::operator()`` for a batch of faces (see :func:`landmarks.predict_batch`).
@@ -121,7 +125,7 @@ def ert_predict(gray, rects, init, split_idx1, split_idx2, split_thresh, leaf_va
 # -------------------------------------------------------------------------------------- image stats
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def _quantile_from_hist(hist, k):
     """The k-th smallest value (0-based) of the values counted in ``hist`` (bin index = value)."""
     acc = 0
@@ -132,7 +136,7 @@ def _quantile_from_hist(hist, k):
     return hist.shape[0] - 1
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def image_stats(y, rgb, out):
     """Per image of a batch: y (B, H, W) uint8 luminance, rgb (B, H, W, 3) uint8. Writes out (B, 7) float64:
     p90 of y on every second pixel, mean R, G, B, Immerkaer's mean |Laplacian difference|, and the 99th
@@ -202,7 +206,7 @@ def image_stats(y, rgb, out):
 # ----------------------------------------------------------------------------------------- rendering
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def surface_coords(x0, y0, rh, rw, ax, ay, mx, my, rx, ry, inv_hw_l, inv_hw_r, u_scale, inv_d, inv_mlen):
     """Per pixel of the region (rows y0.., columns x0..): ``d`` px from the mask's midline (+ towards the
     image right; direction (rx, ry)), ``xn`` = d over the half width of its side, ``u`` = arc length on
@@ -228,14 +232,14 @@ def surface_coords(x0, y0, rh, rw, ax, ay, mx, my, rx, ry, inv_hw_l, inv_hw_r, u
     return d, xn, u, v, vn
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def _luma(img, i, j):
     """OpenCV's RGB2GRAY of one uint8 pixel (0.299 R + 0.587 G + 0.114 B, 14-bit fixed point, rounded)."""
     return (np.int32(img[i, j, 0]) * 4899 + np.int32(img[i, j, 1]) * 9617 + np.int32(img[i, j, 2]) * 1868
             + 8192) >> 14
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def light_normal_equations(img, a_body, x0, y0, step):
     """The weighted least-squares system of the face-light fit (see ``render._face_light``), over the grid
     of every ``step``-th pixel (from ``step // 2``) of the RGB image ``img``; ``a_body`` is the mask's
@@ -312,7 +316,7 @@ def light_normal_equations(img, a_body, x0, y0, step):
     return A, bv, ysum, used, n
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def light_field(coef, ref, x0, y0, rh, rw, h, w):
     """exp(quadratic fit - ref) over the region, the exponent clipped to ln 0.6 .. ln 1.45. float32."""
     s = 1.0 / max(h, w)
@@ -328,7 +332,7 @@ def light_field(coef, ref, x0, y0, rh, rw, h, w):
     return out
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def shade_albedo(rgb, shade, light, k):
     """In place: planar rgb (3, H, W) times shade x light x k[c], capped at 1."""
     _, rh, rw = rgb.shape
@@ -339,7 +343,7 @@ def shade_albedo(rgb, shade, light, k):
                 rgb[c, i, j] = min(rgb[c, i, j] * (shade[i, j] * light[i, j]) * kc, np.float32(1.0))
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def composite(roi, rgb, alpha, a_body, noise, noise_sd, step, out, occ):
     """The mask over the photo region: ``roi`` (H, W, 3) uint8 photo pixels; ``rgb`` (3, H, W) the mask's
     premultiplied (blurred) colour, ``alpha`` its (blurred) coverage, ``a_body`` the body's sharp coverage;
@@ -376,7 +380,7 @@ _YAW_EYE = YAW_CAL * 26.0 / 86.6
 _YAW_MOUTH = YAW_CAL * 24.1 / 57.8
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def yaw_deg(p):
     """Head yaw from the nose tip's offset between eye corners and mouth corners (landmarks.yaw_from_landmarks)."""
     ex = p[45, 0] - p[36, 0]
@@ -398,7 +402,7 @@ def yaw_deg(p):
     return np.degrees(np.arctan(t / 2))
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def face_metrics(p, h, w, t5, use_t5):
     """The numbers stage.face_checks decides on, for landmarks p (68, 2) float64 of a face in an h x w
     image: (eye distance D, brow/eye/nose/mouth points more than 0.1 D outside the image, mouth below the
@@ -450,7 +454,7 @@ def face_metrics(p, h, w, t5, use_t5):
 # ---------------------------------------------------------------------------------------- geometry
 
 
-@njit(cache=True, nogil=True)
+@_jit
 def _keep_clear(curve, lm, groups, glen, margins, above, ox, oy, exx, exy, eyx, eyy, D):
     """render._keep_below for every group of ``groups`` (rows of landmark indices, ``glen`` used) at once,
     in place: points of ``curve`` are pushed along ey (down, or up when ``above``) until they lie
@@ -505,21 +509,7 @@ def _keep_clear(curve, lm, groups, glen, margins, above, ox, oy, exx, exy, eyx, 
             curve[i, 1] = oy + cu[i] * exy + cv[i] * eyy
 
 
-@njit(cache=True, nogil=True)
-def _jaw_point(lm, normals, i, off):
-    i = min(max(i, 0.0), 16.0)
-    lo = int(i)
-    hi = min(lo + 1, 16)
-    f = i - lo
-    px = lm[lo, 0] * (1 - f) + lm[hi, 0] * f
-    py = lm[lo, 1] * (1 - f) + lm[hi, 1] * f
-    nx = normals[lo, 0] * (1 - f) + normals[hi, 0] * f
-    ny = normals[lo, 1] * (1 - f) + normals[hi, 1] * f
-    nn = max(np.hypot(nx, ny), 1e-9)
-    return px + nx / nn * off, py + ny / nn * off
-
-
-@njit(cache=True, nogil=True)
+@_jit
 def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, margins_a, jit):
     """The mask outline of one type and wear on a face (render.build_geometry, which documents the shape).
 
@@ -585,39 +575,49 @@ def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, mar
     side = side_off + jit[2]
     chin = chin_off + wg[4] + jit[3]
     span = max(8.0 - c_top, 1e-6)
-
-    def offset(i):
+    # every jaw index needed, offset outwards along the contour normal in one loop: contour left / right
+    # (n1 each), lower contour left / right (n_half each), sides left / right (5 each), jaw 3, 8, 13
+    nidx = 2 * n1 + 2 * n_half + 13
+    pts = np.empty((nidx, 2))
+    for q in range(nidx):
+        if q < n1:
+            i = c_top + (8.0 - c_top) * (q / (n1 - 1))
+        elif q < 2 * n1:
+            i = 8.0 + (8.0 - c_top) * ((q - n1) / (n1 - 1))
+        elif q < 2 * n1 + n_half:
+            i = c_lo_l + (8.0 - c_lo_l) * ((q - 2 * n1) / (n_half - 1))
+        elif q < 2 * n1 + 2 * n_half:
+            i = 8.0 + (c_lo_r - 8.0) * ((q - 2 * n1 - n_half) / (n_half - 1))
+        elif q < 2 * n1 + 2 * n_half + 5:
+            i = c_top + (c_lo_l - c_top) * ((q - 2 * n1 - 2 * n_half) / 4.0)
+        elif q < 2 * n1 + 2 * n_half + 10:
+            i = (16.0 - c_top) + (c_lo_r - 16.0 + c_top) * ((q - 2 * n1 - 2 * n_half - 5) / 4.0)
+        else:
+            i = 3.0 + 5.0 * (q - 2 * n1 - 2 * n_half - 10)
         d8 = abs(i - 8.0)
         wgt = min(max(1.0 - d8 / span, 0.0), 1.0) ** 1.5
-        return (side + (chin - side) * wgt + chin_point * min(max(1.0 - d8 / 2.5, 0.0), 1.0)) * D
-
-    cont_l = np.empty((n1, 2))
-    cont_r = np.empty((n1, 2))
-    for q in range(n1):
-        t = q / (n1 - 1)
-        i = c_top + (8.0 - c_top) * t
-        cont_l[q, 0], cont_l[q, 1] = _jaw_point(lm, normals, i, offset(i))
-        i = 8.0 + (8.0 - c_top) * t
-        cont_r[q, 0], cont_r[q, 1] = _jaw_point(lm, normals, i, offset(i))
+        off = (side + (chin - side) * wgt + chin_point * min(max(1.0 - d8 / 2.5, 0.0), 1.0)) * D
+        ic = min(max(i, 0.0), 16.0)
+        lo = int(ic)
+        hi = min(lo + 1, 16)
+        f = ic - lo
+        nx = normals[lo, 0] * (1 - f) + normals[hi, 0] * f
+        ny = normals[lo, 1] * (1 - f) + normals[hi, 1] * f
+        nn = max(np.hypot(nx, ny), 1e-9)
+        pts[q, 0] = lm[lo, 0] * (1 - f) + lm[hi, 0] * f + nx / nn * off
+        pts[q, 1] = lm[lo, 1] * (1 - f) + lm[hi, 1] * f + ny / nn * off
+    cont_l = pts[:n1]
+    cont_r = pts[n1:2 * n1]
+    i0 = 2 * n1
     bottom = np.empty((2 * n_half - 1, 2))
-    for q in range(n_half):
-        t = q / (n_half - 1)
-        i = c_lo_l + (8.0 - c_lo_l) * t
-        bottom[q, 0], bottom[q, 1] = _jaw_point(lm, normals, i, offset(i))
-        if q > 0:
-            i = 8.0 + (c_lo_r - 8.0) * t
-            bottom[n_half - 1 + q, 0], bottom[n_half - 1 + q, 1] = _jaw_point(lm, normals, i, offset(i))
-    side_l = np.empty((5, 2))
-    side_r = np.empty((5, 2))
-    for q in range(5):
-        t = q / 4.0
-        i = c_top + (c_lo_l - c_top) * t
-        side_l[q, 0], side_l[q, 1] = _jaw_point(lm, normals, i, offset(i))
-        i = (16.0 - c_top) + (c_lo_r - 16.0 + c_top) * t
-        side_r[q, 0], side_r[q, 1] = _jaw_point(lm, normals, i, offset(i))
-    m3x, m3y = _jaw_point(lm, normals, 3.0, offset(3.0))
-    lowx, lowy = _jaw_point(lm, normals, 8.0, offset(8.0))
-    m13x, m13y = _jaw_point(lm, normals, 13.0, offset(13.0))
+    bottom[:n_half] = pts[i0:i0 + n_half]
+    bottom[n_half:] = pts[i0 + n_half + 1:i0 + 2 * n_half]
+    i0 += 2 * n_half
+    side_l = pts[i0:i0 + 5].copy()
+    side_r = pts[i0 + 5:i0 + 10].copy()
+    m3x, m3y = pts[i0 + 10, 0], pts[i0 + 10, 1]
+    lowx, lowy = pts[i0 + 11, 0], pts[i0 + 11, 1]
+    m13x, m13y = pts[i0 + 12, 0], pts[i0 + 12, 1]
     # midline (apex -> lowest point) and its normal towards the image-right half of the face
     mx = lowx - apx
     my = lowy - apy
