@@ -1,4 +1,4 @@
-"""Stage 2, the mask stage: landmarks (dlib's model in numpy), geometry from the landmarks, determinism, bad
+"""Stage 2, the mask stage: landmarks (dlib's model, compiled), geometry from the landmarks, determinism, bad
 inputs, the command line and the Snakemake rules.
 
 Tests on real faces use LFW (skipped when absent: set MASKFACE_LFW to the folder holding images_deepfunneled/
@@ -437,6 +437,76 @@ def test_textures_are_anti_aliased_and_in_range():
             ch = alb[int(np.argmax(alb.max(axis=(1, 2)) - alb.min(axis=(1, 2))))]
             assert ch.max() - ch.min() > 0.2
             assert ((ch > ch.min() + 0.05) & (ch < ch.max() - 0.05)).any()
+
+
+def _stats_reference(img: np.ndarray) -> dict:
+    """image_stats in plain numpy (sorts and full-array filters), the definition the compiled kernel follows."""
+    y = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    h, w = y.shape
+    sub = np.sort(y[::2, ::2].ravel())
+    out = {"p90": sub[int(0.9 * (sub.size - 1))], "mean_rgb": img.reshape(-1, 3).mean(0), "noise": 0.0, "blur": 0.0}
+    if h > 6 and w > 6:
+        dx = y[:, :-2] - 2 * y[:, 1:-1] + y[:, 2:]
+        dxy = dx[:-2] - 2 * dx[1:-1] + dx[2:]
+        out["noise"] = np.sqrt(np.pi / 2) * np.abs(dxy).mean() / 6.0
+
+        def grad(a):
+            return np.sort((np.abs(a[1:-1, 2:] - a[1:-1, :-2]) + np.abs(a[2:, 1:-1] - a[:-2, 1:-1])).ravel())
+
+        t = y[:, :-2] + 2 * y[:, 1:-1] + y[:, 2:]
+        sm = (t[:-2] + 2 * t[1:-1] + t[2:]) / 16
+        g0, g1 = grad(y), grad(sm)
+        g0, g1 = g0[int(0.99 * (g0.size - 1))], g1[int(0.99 * (g1.size - 1))]
+        r = min(g1 / max(g0, 1e-9), 0.99)
+        out["blur"] = np.sqrt(max(0.367 * r * r / (1 - r * r) - 0.370, 0.0)) if g0 > 1e-3 else 0.0
+    return out
+
+
+@pytest.mark.parametrize("shape", [(112, 96), (7, 9), (5, 5), (240, 181)])
+def test_image_statistics_kernel_matches_the_numpy_definition(shape):
+    rng = np.random.default_rng(sum(shape))
+    base = cv2.GaussianBlur(rng.integers(0, 256, shape + (3,), dtype=np.uint8), (0, 0), 1.2)
+    for img in (base, np.clip(base.astype(int) + rng.integers(-9, 10, base.shape), 0, 255).astype(np.uint8)):
+        got = R.image_stats(img)
+        ref = _stats_reference(img)
+        assert got["p90"] == ref["p90"]
+        assert np.allclose(got["mean_rgb"], ref["mean_rgb"], rtol=1e-6)
+        assert got["noise"] == pytest.approx(ref["noise"], rel=1e-9, abs=1e-12)
+        assert got["blur"] == pytest.approx(ref["blur"], rel=1e-9, abs=1e-12)
+    batch = R.image_stats_batch(np.stack([base, base[::-1].copy()]))
+    assert batch[0]["p90"] == R.image_stats(base)["p90"] and batch[1]["blur"] == R.image_stats(base[::-1].copy())["blur"]
+
+
+def test_face_light_is_the_least_squares_fit_of_the_log_luminance():
+    """The compiled normal equations give the same quadratic as numpy's lstsq on the selected grid points,
+    and a photo lit from the left gives a mask brighter on the left."""
+    h, w = 112, 96
+    yy, xx = np.mgrid[0:h, 0:w]
+    lum = 60 + 120 * (1 - xx / w) + 10 * np.sin(yy / 7.0)
+    img = np.repeat(lum[..., None], 3, axis=2).astype(np.uint8)
+    a_body = np.zeros((50, 60), np.float32)
+    cv2.ellipse(a_body, (30, 25), (26, 20), 0, 0, 360, 1.0, -1)
+    x0, y0 = 18, 55
+    light = R._face_light(img, (x0, y0, x0 + 60, y0 + 50), a_body)
+    assert light[25, 5] > 1.1 > 0.9 > light[25, 55]
+    # reference: grid points under the mask, 20th-98th percentile of luminance, lstsq on the monomials
+    gy, gx = np.mgrid[1:h:3, 1:w:3]
+    luma = cv2.cvtColor(np.ascontiguousarray(img[1::3, 1::3]), cv2.COLOR_RGB2GRAY).astype(float)
+    ry, rx = gy - y0, gx - x0
+    inside = (ry >= 0) & (ry < 50) & (rx >= 0) & (rx < 60)
+    cover = np.zeros_like(inside)
+    cover[inside] = a_body[ry[inside], rx[inside]] > 0.5
+    vals = np.sort(luma[cover])
+    keep = cover & (luma >= vals[int(0.2 * (vals.size - 1))]) & (luma <= vals[int(0.98 * (vals.size - 1))])
+    s = 1.0 / max(h, w)
+    X, Y = (gx[keep] - w / 2) * s, (gy[keep] - h / 2) * s
+    M = np.stack([np.ones_like(X), X, Y, X * X, X * Y, Y * Y], 1)
+    yv = np.log(luma[keep] + 5.0)
+    coef = np.linalg.lstsq(M, yv, rcond=None)[0]
+    Yr, Xr = (np.mgrid[y0:y0 + 50, x0:x0 + 60] - np.array([h / 2, w / 2])[:, None, None]) * s
+    fit = coef[0] + coef[1] * Xr + coef[2] * Yr + coef[3] * Xr ** 2 + coef[4] * Xr * Yr + coef[5] * Yr ** 2
+    ref = np.exp(np.clip(fit - yv.mean(), -0.51, 0.372))
+    assert np.abs(light - ref).max() < 1e-3
 
 
 # --------------------------------------------------------------------------------- photos and the CLI
