@@ -149,7 +149,7 @@ def image_stats(y, rgb, out):
     hist_g1 = np.zeros(511 * 16, np.int64)
     sm = np.empty((h - 2, w - 2), np.int32)
     for b in range(bsz):
-        hist_y[:] = 0
+        hist_y.fill(0)
         n = 0
         for i in range(0, h, 2):
             for j in range(0, w, 2):
@@ -181,7 +181,7 @@ def image_stats(y, rgb, out):
                     v += -2 * dx if di == 0 else dx
                 lap += abs(v)
         out[b, 4] = lap / ((h - 2) * (w - 2))
-        hist_g0[:] = 0
+        hist_g0.fill(0)
         for i in range(1, h - 1):
             for j in range(1, w - 1):
                 g = abs(np.int32(y[b, i, j + 1]) - np.int32(y[b, i, j - 1])) + abs(np.int32(y[b, i + 1, j]) - np.int32(y[b, i - 1, j]))
@@ -194,7 +194,7 @@ def image_stats(y, rgb, out):
                 for di in range(3):
                     acc += (2 if di == 1 else 1) * (np.int32(y[b, i + di, j]) + 2 * np.int32(y[b, i + di, j + 1]) + np.int32(y[b, i + di, j + 2]))
                 sm[i, j] = acc
-        hist_g1[:] = 0
+        hist_g1.fill(0)
         for i in range(1, h - 3):
             for j in range(1, w - 3):
                 g = abs(sm[i, j + 1] - sm[i, j - 1]) + abs(sm[i + 1, j] - sm[i - 1, j])
@@ -483,10 +483,16 @@ def _keep_clear(curve, lm, groups, glen, margins, above, ox, oy, exx, exy, eyx, 
             dy = lm[groups[g, k], 1] - oy
             pu[k] = dx * exx + dy * exy
             pv[k] = dx * eyx + dy * eyy
-        order = np.argsort(pu[:m])
-        for k in range(m):
-            gu[k + 1] = pu[order[k]]
-            gv[k + 1] = sgn * (pv[order[k]] + sgn * margins[g])
+        for k in range(m):                    # insertion sort by u (a handful of points)
+            x = pu[k]
+            y = sgn * (pv[k] + sgn * margins[g])
+            q = k
+            while q > 0 and gu[q] > x:
+                gu[q + 1] = gu[q]
+                gv[q + 1] = gv[q]
+                q -= 1
+            gu[q + 1] = x
+            gv[q + 1] = y
         gu[0] = gu[1] - ext
         gv[0] = gv[1]
         gu[m + 1] = gu[m] + ext
@@ -610,11 +616,17 @@ def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, mar
     cont_r = pts[n1:2 * n1]
     i0 = 2 * n1
     bottom = np.empty((2 * n_half - 1, 2))
-    bottom[:n_half] = pts[i0:i0 + n_half]
-    bottom[n_half:] = pts[i0 + n_half + 1:i0 + 2 * n_half]
+    for q in range(2 * n_half - 1):           # lower contour: left half, then right half without its start
+        src = i0 + q if q < n_half else i0 + q + 1
+        bottom[q, 0] = pts[src, 0]
+        bottom[q, 1] = pts[src, 1]
     i0 += 2 * n_half
-    side_l = pts[i0:i0 + 5].copy()
-    side_r = pts[i0 + 5:i0 + 10].copy()
+    side_l = np.empty((5, 2))
+    side_r = np.empty((5, 2))
+    for q in range(5):
+        for c in range(2):
+            side_l[q, c] = pts[i0 + q, c]
+            side_r[q, c] = pts[i0 + 5 + q, c]
     m3x, m3y = pts[i0 + 10, 0], pts[i0 + 10, 1]
     lowx, lowy = pts[i0 + 11, 0], pts[i0 + 11, 1]
     m13x, m13y = pts[i0 + 12, 0], pts[i0 + 12, 1]
@@ -671,16 +683,17 @@ def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, mar
         _keep_clear(top, lm, groups_a, glen_a, margins_a, True, ox, oy, exx, exy, eyx, eyy, D)
     nt = top.shape[0]
     outline = np.empty((nt + 2 * (n1 - 2) + 1, 2))
-    outline[:nt] = top
-    q = nt
-    for i in range(n1 - 2, 0, -1):
-        outline[q] = cont_r[i]
-        q += 1
-    for i in range(n1 - 1, 0, -1):
-        outline[q] = cont_l[i]
-        q += 1
-    side_l[0] = top[0]
-    side_r[0] = top[nt - 1]
+    for q in range(outline.shape[0]):       # top edge, right contour upwards, left contour downwards
+        for c in range(2):
+            if q < nt:
+                outline[q, c] = top[q, c]
+            elif q < nt + n1 - 2:
+                outline[q, c] = cont_r[n1 - 2 - (q - nt), c]
+            else:
+                outline[q, c] = cont_l[n1 - 1 - (q - nt - (n1 - 2)), c]
+    for c in range(2):
+        side_l[0, c] = top[0, c]
+        side_r[0, c] = top[nt - 1, c]
     hw_l = max((apx - m3x) * rx + (apy - m3y) * ry, 0.2 * D)
     hw_r = max((m13x - apx) * rx + (m13y - apy) * ry, 0.2 * D)
     apex = np.array([apx, apy])
