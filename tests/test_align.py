@@ -14,6 +14,7 @@ import pytest
 
 from maskface import align as A
 from maskface.imageio import decode_png
+from maskface.manifest import write_table
 from maskface.testing import BAD_INPUTS, write_bad_inputs
 
 
@@ -198,7 +199,7 @@ def test_shard_carries_raw_failures_and_merge_accounts_for_every_row(bad_folder,
         recs = A.align_shard(raw, root, "lfw", cfg, s, shards, progress=False)
         assert {r["shard"] for r in recs} <= {s}
         p = tmp_path / f"shard-{s}.parquet"
-        A.write_table(A.records_frame(recs, with_png=True), p, {"stage": "test"})
+        write_table(A.records_frame(recs, with_png=True), p, {"stage": "test"})
         paths.append(p)
     merged = A.merge_shards(paths, raw)
     assert sorted(merged["image_id"]) == sorted(raw["image_id"])

@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from maskface import align as A
 from maskface.imageio import decode_png, load_rgb
+from maskface.manifest import write_table
 
 
 # frontal, single-subject LFW images (deep-funneled), and one with several faces
@@ -140,7 +140,7 @@ def test_fidelity_report_on_lfw(lfw_images, tmp_path):
     cfg = A.AlignConfig.from_mapping({"device": "cpu", "workers": 1})
     recs = A.align_shard(raw, lfw_images, "lfw", cfg, 0, 1, progress=False)
     p = tmp_path / "shard-0.parquet"
-    A.write_table(A.records_frame(recs, True), p)
+    write_table(A.records_frame(recs, True), p)
     man = A.merge_shards([p], raw)
     rep = A.fidelity_report(man, [p], cfg, sample=4)
     assert rep["transformed"]["n"] == 4 and rep["redetected"]["sample"] == 4

@@ -63,14 +63,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -81,6 +80,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .imageio import ImageDecodeError, encode_png, load_rgb
+from .manifest import write_table
 
 log = logging.getLogger("maskface.align")
 
@@ -614,27 +614,6 @@ def records_frame(records: Iterable[dict], with_png: bool) -> pa.Table:
     data = {c: [r.get(c) for r in recs] for c in cols}
     schema = SHARD_SCHEMA if with_png else MANIFEST_SCHEMA
     return pa.table(data, schema=schema)
-
-
-def write_table(table: pa.Table, path: str | os.PathLike, prov: Optional[Mapping[str, Any]] = None) -> None:
-    """Atomic Parquet write with provenance (maskface.manifest's convention), for an Arrow table."""
-    import tempfile
-
-    from .manifest import PROVENANCE_KEY
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(table.schema.metadata or {})
-    if prov is not None:
-        meta[PROVENANCE_KEY] = json.dumps(prov, sort_keys=True, default=str).encode()
-    table = table.replace_schema_metadata(meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=2048)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def shard_rows(raw: pd.DataFrame, shard: int, shards: int) -> pd.DataFrame:

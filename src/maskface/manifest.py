@@ -107,12 +107,11 @@ def provenance(stage: str, config: Mapping[str, Any] | None = None,
     return rec
 
 
-def write_parquet(df: pd.DataFrame, path: str | os.PathLike, prov: Mapping[str, Any] | None = None,
-                  schema: pa.Schema | None = None) -> None:
-    """Write ``df`` atomically (temp file + rename) with the provenance record in the schema metadata."""
+def write_table(table: pa.Table, path: str | os.PathLike, prov: Mapping[str, Any] | None = None) -> None:
+    """Write an Arrow table atomically (temp file + rename; zstd; row groups of 2,048 rows, so that shards
+    of image bytes are read a group at a time) with the provenance record in the schema metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     if prov is not None:
         meta[PROVENANCE_KEY] = json.dumps(prov, sort_keys=True, default=str).encode()
@@ -120,11 +119,17 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike, prov: Mapping[str, 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=2048)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_parquet(df: pd.DataFrame, path: str | os.PathLike, prov: Mapping[str, Any] | None = None,
+                  schema: pa.Schema | None = None) -> None:
+    """Write ``df`` atomically with the provenance record (see :func:`write_table`)."""
+    write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), path, prov)
 
 
 def read_provenance(path: str | os.PathLike) -> dict:

@@ -3,8 +3,8 @@ import json
 
 import pandas as pd
 
-from maskface.align import AlignConfig, align_shard, records_frame, summarize, write_table
-from maskface.manifest import provenance
+from maskface.align import AlignConfig, align_shard, records_frame, summarize
+from maskface.manifest import provenance, write_table
 from maskface.smk import logged
 
 with logged(snakemake) as log:

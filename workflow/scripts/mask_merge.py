@@ -2,10 +2,9 @@
 import json
 
 import pandas as pd
-import pyarrow as pa
 
-from maskface.manifest import provenance, write_json
-from maskface.mask.stage import MANIFEST_SCHEMA, MaskConfig, merge_shards, summarize, write_table
+from maskface.manifest import provenance, write_json, write_parquet
+from maskface.mask.stage import MANIFEST_SCHEMA, MaskConfig, merge_shards, summarize
 from maskface.smk import logged
 
 with logged(snakemake) as log:
@@ -17,6 +16,5 @@ with logged(snakemake) as log:
     log.info("%s", json.dumps(summary, sort_keys=True, indent=1))
     prov = provenance("mask_merge", dict(snakemake.params.cfg), [snakemake.input.aligned, *snakemake.input.shards],
                       code=snakemake.params.code)
-    write_table(pa.Table.from_pandas(df, schema=MANIFEST_SCHEMA, preserve_index=False), snakemake.output.manifest,
-                prov)
+    write_parquet(df, snakemake.output.manifest, prov, schema=MANIFEST_SCHEMA)
     write_json(summary, snakemake.output.summary)

@@ -36,7 +36,7 @@ Rendering (only inside the bounding box of the mask and its accessories)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import cv2

@@ -26,7 +26,6 @@ Skips (``status == "skipped"``; ``skip`` holds the code, ``reason`` the numbers)
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -34,7 +33,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import cv2
@@ -43,10 +41,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..imageio import encode_png
+from ..manifest import write_table
 from . import landmarks as lmk
-from .kernels import face_metrics as _face_metrics
 from . import render as rd
 from . import textures as tx
+from .kernels import face_metrics as _face_metrics
 
 log = logging.getLogger("maskface.mask")
 
@@ -555,27 +554,6 @@ def records_table(records: Iterable[Mapping[str, Any]], with_images: bool) -> pa
     return pa.table({c: [r.get(c) for r in recs] for c in schema.names}, schema=schema)
 
 
-def write_table(table: pa.Table, path: str | os.PathLike, prov: Optional[Mapping[str, Any]] = None) -> None:
-    """Atomic Parquet write with the provenance record under maskface.manifest's metadata key."""
-    import tempfile
-
-    from ..manifest import PROVENANCE_KEY
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
-    if prov is not None:
-        meta[PROVENANCE_KEY] = json.dumps(prov, sort_keys=True, default=str).encode()
-    table = table.replace_schema_metadata(meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=2048)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def mask_shard(aligned_path: str | os.PathLike, out_path: str | os.PathLike, cfg: MaskConfig, shard: int,
                prov: Optional[Mapping[str, Any]] = None, *, progress: bool = True) -> list[dict]:
     """Mask every row of one aligned shard and write ``out_path`` (SHARD_SCHEMA). Returns the records."""
@@ -596,7 +574,6 @@ def mask_shard(aligned_path: str | os.PathLike, out_path: str | os.PathLike, cfg
 def merge_shards(paths: Sequence[str | os.PathLike], expected_ids: Optional[Iterable[str]] = None):
     """The manifest columns of every shard, sorted by image_id; checks that no image appears twice and,
     when ``expected_ids`` is given (the aligned manifest), that every aligned row is present exactly once."""
-    import pandas as pd
     tables = [pq.read_table(p, columns=MANIFEST_COLUMNS) for p in paths]
     df = pa.concat_tables(tables).to_pandas() if tables else records_table([], False).to_pandas()
     df = df.sort_values("image_id", kind="stable").reset_index(drop=True)
