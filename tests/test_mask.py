@@ -361,6 +361,8 @@ def test_same_config_same_bytes_and_seed_changes_them(frontal):
     # any other result-affecting setting changes the draws too; threads do not change anything
     d = S.process_items(items, S.MaskConfig.from_mapping({"wear": {"proper": 1.0}}))
     assert all(r["wear"] == "proper" for r in d if r["status"] == "ok")
+    e = S.process_items(items, S.MaskConfig(batch=3, threads=2))          # worker processes, compiled kernels
+    assert [(r["png"], r["occlusion"]) for r in e] == [(r["png"], r["occlusion"]) for r in a]
 
 
 def test_bad_inputs_are_recorded_never_fatal():
