@@ -8,8 +8,10 @@ well-kept, widely used JIT (numba.pydata.org) with wheels for every platform tor
 compiler on the user's machine. The functions here are plain loops over arrays, deterministic (no
 fastmath, no parallel reductions), so the stage's bytes stay a pure function of its inputs.
 
-Compilation costs ~1-3 s per process the first time; ``cache=True`` keeps the machine code in
-``__pycache__`` for later processes (a read-only install just compiles again).
+Compiling all of them takes ~20-30 s, once: ``cache=True`` keeps the machine code in ``__pycache__`` beside
+this file for every later process (numba falls back to the user's cache folder when that is read-only, and
+``$NUMBA_CACHE_DIR`` overrides both). Editing this file invalidates its cache. Slice assignments and
+``np.argsort`` are avoided in the geometry: they tripled its compile time.
 """
 from __future__ import annotations
 
