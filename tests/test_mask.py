@@ -148,7 +148,7 @@ def test_face_box_follows_the_template():
 
 
 @pytest.mark.lfw
-def test_numpy_predictor_agrees_with_dlib(frontal):
+def test_compiled_predictor_agrees_with_dlib(frontal):
     """Same model, same algorithm: after rounding (dlib returns integer points) most faces are identical to
     dlib.shape_predictor's and no point is more than 2 px off."""
     imgs = np.stack(list(frontal.values()))
