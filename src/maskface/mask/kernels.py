@@ -405,11 +405,8 @@ def yaw_deg(p):
 
 
 @_jit
-def face_metrics(p, h, w, t5, use_t5):
-    """The numbers stage.face_checks decides on, for landmarks p (68, 2) float64 of a face in an h x w
-    image: (eye distance D, brow/eye/nose/mouth points more than 0.1 D outside the image, mouth below the
-    eyes in D, nose tip's share of the way from the eyes to the mouth, mean distance of the five points to
-    the template ``t5`` in eye-mouth distances (when ``use_t5``), yaw in degrees)."""
+def _eye_centres(p):
+    """Centres of the left (36-41) and right (42-47) eye landmarks: (lx, ly, rx, ry)."""
     elx = 0.0
     ely = 0.0
     erx = 0.0
@@ -419,10 +416,16 @@ def face_metrics(p, h, w, t5, use_t5):
         ely += p[36 + k, 1]
         erx += p[42 + k, 0]
         ery += p[42 + k, 1]
-    elx /= 6.0
-    ely /= 6.0
-    erx /= 6.0
-    ery /= 6.0
+    return elx / 6.0, ely / 6.0, erx / 6.0, ery / 6.0
+
+
+@_jit
+def face_metrics(p, h, w, t5, use_t5):
+    """The numbers stage.face_checks decides on, for landmarks p (68, 2) float64 of a face in an h x w
+    image: (eye distance D, brow/eye/nose/mouth points more than 0.1 D outside the image, mouth below the
+    eyes in D, nose tip's share of the way from the eyes to the mouth, mean distance of the five points to
+    the template ``t5`` in eye-mouth distances (when ``use_t5``), yaw in degrees)."""
+    elx, ely, erx, ery = _eye_centres(p)
     D = np.hypot(erx - elx, ery - ely)
     m = 0.1 * D
     out = 0
@@ -527,19 +530,7 @@ def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, mar
     jit: [apex, corner, side, chin, sag] per-image offsets.
     Returns (top, bottom, outline, side_l, side_r, apex, low, hw_l, hw_r)."""
     # face frame: eye centres, D, ex along the eye line, ey down; outward jaw normals
-    elx = 0.0
-    ely = 0.0
-    erx = 0.0
-    ery = 0.0
-    for k in range(6):
-        elx += lm[36 + k, 0]
-        ely += lm[36 + k, 1]
-        erx += lm[42 + k, 0]
-        ery += lm[42 + k, 1]
-    elx /= 6.0
-    ely /= 6.0
-    erx /= 6.0
-    ery /= 6.0
+    elx, ely, erx, ery = _eye_centres(lm)
     D = np.hypot(erx - elx, ery - ely)
     exx = (erx - elx) / D
     exy = (ery - ely) / D
