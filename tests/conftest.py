@@ -29,12 +29,14 @@ def lfw() -> Path:
     return root
 
 
-def snakemake_run(workdir: Path, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def snakemake_run(workdir: Path, *args: str, check: bool = True, timeout: float = 600,
+                  env: dict | None = None) -> subprocess.CompletedProcess:
     """This repo's workflow run for real in ``workdir`` (``--cores 2``); with ``check`` a failure raises with the
-    tail of Snakemake's output."""
+    tail of Snakemake's output. ``env``: variables added to the environment of the run."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
            *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                         env=None if env is None else {**os.environ, **env})
     if check and res.returncode != 0:
         raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
     return res

@@ -546,16 +546,6 @@ def _process_chunk(task: tuple[list[dict], str]) -> list[dict]:
     return out
 
 
-def _pool(workers: int, cfg: AlignConfig, device: str):
-    """A process pool of detector workers. ``fork`` where available: ``spawn`` (and ``forkserver``) re-import
-    the caller's ``__main__``, which for a Snakemake ``script:`` (or any unguarded script) re-runs the job.
-    Forked workers are safe with torch as DataLoader's are: each sets its own intra-op threads to 1 before
-    any torch op, and the pool is created before the progress bar's monitor thread."""
-    import multiprocessing as mp
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(cfg, device, 1))
-
-
 def align_items(items: list[dict], cfg: AlignConfig, method: str, *, progress: bool = True,
                 desc: str = "align") -> list[dict]:
     """Align ``items`` (dicts: image_id, identity, src (path or bytes), shard). Returns one record each
@@ -593,8 +583,11 @@ def align_items(items: list[dict], cfg: AlignConfig, method: str, *, progress: b
             torch.set_num_threads(prev)
             _WORKER.clear()
     else:
-        with _pool(workers, cfg, device) as pool, bar() as pbar:   # pool first: fork before tqdm's thread
-            for recs in pool.imap_unordered(_process_chunk, tasks):
+        from .workers import imap
+
+        with bar() as pbar:
+            for recs in imap(_process_chunk, tasks, workers, initializer=_init_worker, initargs=(cfg, device, 1),
+                             what="align"):
                 for rec in recs:
                     results[rec["image_id"]] = rec
                 pbar.update(len(recs))

@@ -15,7 +15,6 @@ import hashlib
 import os
 import stat
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -226,10 +225,11 @@ def scan(root: str | os.PathLike, images_root: str | os.PathLike | None = None, 
     batches = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     bar = tqdm(total=len(paths), desc=f"scan {images_root.name}", unit="file", disable=not progress)
     if threads > 1 and len(batches) > 1:
-        with ProcessPoolExecutor(max_workers=threads) as pool:
-            for res in pool.map(_inspect_many, batches):
-                results.extend(res)
-                bar.update(len(res))
+        from .workers import imap
+
+        for res in imap(_inspect_many, batches, threads, what="raw manifest"):
+            results.extend(res)
+            bar.update(len(res))
     else:
         for b in batches:
             res = _inspect_many(b)

@@ -509,9 +509,6 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(spec: tuple, load: Callable[[str], FaceInput]) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
     _WORKER["emb"] = make_embedder(spec[0], **spec[1])
     _WORKER["load"] = load
 
@@ -527,32 +524,27 @@ def embed_all(embedder: Embedder, image_ids: Sequence[str], load: Callable[[str]
               workers: int = 1) -> pd.DataFrame:
     """Embed images by id (``load(image_id) -> FaceInput``) in chunks; return a features frame.
 
-    ``workers`` > 1: chunks go to that many processes (spawned; each builds the embedder again from its
-    ``spec``, so ``embedder`` must come from :func:`make_embedder` and ``load`` must be picklable, e.g. a
-    :class:`SourceLoader`). For CPU-bound embedders that use one core each (dlib-resnet); the features are
-    the same as in one process, in the same order. SphereFace batches on its device and ignores it."""
+    ``workers`` > 1: chunks go to that many worker processes (:mod:`maskface.workers`; each builds the embedder
+    again from its ``spec``, so ``embedder`` must come from :func:`make_embedder` and ``load`` must be
+    picklable, e.g. a :class:`SourceLoader`). For CPU-bound embedders that use one core each (dlib-resnet); the
+    features are the same as in one process, in the same order. SphereFace batches on its device and ignores it."""
+    from .workers import chunked, imap
+
     feats, faces = [], []
-    chunks = [list(image_ids[s:s + chunk]) for s in range(0, len(image_ids), chunk)]
+    chunks = chunked(image_ids, chunk)
     spec = getattr(embedder, "spec", None)
     done = 0
     if workers > 1 and len(chunks) > 1 and spec is not None and embedder.input_kind == "source":
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")   # no fork after torch / OpenCV thread pools exist in this process
-        with ctx.Pool(min(workers, len(chunks)), initializer=_worker_init, initargs=(spec, load)) as pool:
-            for f, src in pool.imap(_worker_chunk, chunks):
-                feats.append(f)
-                faces.extend(src)
-                done += len(src)
-                if progress:
-                    progress(done, len(image_ids))
+        results = imap(_worker_chunk, chunks, workers, initializer=_worker_init, initargs=(spec, load),
+                       what=f"features ({embedder.name})")
     else:
-        for ids in chunks:
-            items = [load(i) for i in ids]
-            feats.append(embedder.embed(items))
-            faces.extend(embedder.face_source(f) for f in items)
-            done += len(ids)
-            if progress:
-                progress(done, len(image_ids))
+        results = ((embedder.embed(items), [embedder.face_source(f) for f in items])
+                   for items in ([load(i) for i in ids] for ids in chunks))
+    for f, src in results:
+        feats.append(f)
+        faces.extend(src)
+        done += len(src)
+        if progress:
+            progress(done, len(image_ids))
     matrix = np.concatenate(feats) if feats else np.zeros((0, embedder.dim), np.float32)
     return features_frame(image_ids, variant, matrix, faces)

@@ -78,7 +78,7 @@ rule extract_features:
     params:
         model=lambda wc: plain(_model_cfg(wc.model)),
         device=EVAL.get("device", "auto"),
-        chunk=256,
+        chunk=EVAL["chunk"],
         mask=_features_mask_cfg,
         code=_features_code,
     log:

@@ -9,6 +9,7 @@ rule raw_manifest:
         raw=f"{RESULTS}/manifests/{{dataset}}/raw.parquet",
     params:
         code=code("datasets", "imageio", "manifest"),
+        chunk=config["manifest"]["chunk"],
     log:
         f"{LOGS}/raw_manifest/{{dataset}}.log",
     benchmark:

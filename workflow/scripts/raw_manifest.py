@@ -7,7 +7,8 @@ from maskface.smk import logged
 
 with logged(snakemake) as log:
     record = json.load(open(snakemake.input.json))
-    df = scan(record["root"], record["images_root"], threads=snakemake.threads)
+    df = scan(record["root"], record["images_root"], threads=snakemake.threads,
+              chunk=int(snakemake.params.chunk))
     counts = df["status"].value_counts().to_dict()
     log.info("%d files, %d identities: %s", len(df), df["identity"].nunique(), counts)
     prov = provenance("raw_manifest", {"dataset": record}, [snakemake.input.json],

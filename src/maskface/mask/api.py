@@ -175,6 +175,10 @@ def _scan(inp: Path) -> list[tuple[str, Path]]:
     return [(inp.name, inp)]
 
 
+def _work_many(tasks: list[tuple]) -> list[list[dict]]:
+    return [_work(t) for t in tasks]
+
+
 def _work(args: tuple) -> list[dict]:
     image_id, src, dst, opts = args
     from ..imageio import ImageDecodeError, load_rgb
@@ -274,9 +278,10 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
                 rows.extend(_work(t))
                 bar.update(1)
         else:
-            import multiprocessing as mp
-            with mp.get_context("spawn").Pool(args.jobs, initializer=st.limit_threads) as pool:
-                for r in pool.imap(_work, tasks, chunksize=8):
+            from ..workers import chunked, imap
+
+            for rs in imap(_work_many, chunked(tasks, 8), args.jobs, initializer=st.limit_threads, what="mask"):
+                for r in rs:
                     rows.extend(r)
                     bar.update(1)
     finally:

@@ -422,17 +422,12 @@ def process_items(items: Sequence[Mapping[str, Any]], cfg: MaskConfig, *, progre
                 out.extend(_process_chunk(ch, cfg, force))
                 bar.update(len(ch))
         else:
-            import multiprocessing as mp
-            # fork while torch is not loaded in this process (its thread pools do not survive a fork);
-            # spawn otherwise, which re-imports the main module: scripts must guard their entry point
-            method = "spawn" if "torch" in sys.modules or os.name != "posix" else "fork"
-            ctx = mp.get_context(method)
-            if method == "fork":
-                landmarker(cfg.landmarks)      # load the model once, shared copy-on-write
-            with ctx.Pool(min(cfg.threads, len(chunks)), initializer=limit_threads) as pool:
-                for recs in pool.imap(_process_chunk_star, [(ch, cfg, force) for ch in chunks]):
-                    out.extend(recs)
-                    bar.update(len(recs))
+            from ..workers import imap
+
+            for recs in imap(_process_chunk_star, [(ch, cfg, force) for ch in chunks], cfg.threads,
+                             initializer=limit_threads, what="mask"):
+                out.extend(recs)
+                bar.update(len(recs))
     finally:
         bar.close()
     return out
