@@ -115,7 +115,9 @@ def test_shard_pipeline_on_lfw_images(lfw_images, tmp_path):
     r2 = A.align_shard(raw.iloc[:1], lfw_images, "lfw", cfg2, 0, 1, progress=False)[0]
     c96, c112 = decode_png(recs[0]["png"]), decode_png(r2["png"])
     assert c112.shape == (112, 112, 3)
-    np.testing.assert_array_equal(c112[:, 8:104], c96)
+    # two warps with different output sizes: the interpolation may round a pixel differently on another CPU
+    diff = np.abs(c112[:, 8:104].astype(int) - c96.astype(int))
+    assert diff.max() <= 2 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
 
 
 def test_center_selection_on_a_multi_face_image(lfw_images, detector):
