@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import snakemake_run
+from conftest import REPO, snakemake_run
 
 from maskface.workers import KILL_ENV, WorkerError, imap
 
@@ -189,3 +191,32 @@ def test_a_killed_worker_fails_the_job_clearly_and_the_workflow_reruns_cleanly(r
     np.testing.assert_allclose(np.stack(before.feature), np.stack(_table(work / target).feature), atol=1e-6)
     again = _smk(work, *TARGETS)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.lfw
+@pytest.mark.slow
+def test_after_a_sigkill_of_snakemake_unlock_then_the_same_command_finishes(runs):
+    """The README's way back after a crash: `snakemake --unlock`, then the same command again."""
+    work, _ = runs[2]
+    target = TARGETS[3]
+    before = _table(work / target)
+    log = work / "results/logs/extract_features/dlib-resnet/tiny/masked.log"
+    log.unlink()
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", "2",
+           "--forcerun", "extract_features", target]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (log.is_file() and "faces" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.5)     # the job is embedding: kill Snakemake, the job and its workers at once
+        assert proc.poll() is None, "the job ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    locked = _smk(work, target, check=False)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    _smk(work, "--unlock")
+    _smk(work, target)
+    after = _table(work / target)
+    assert list(after.image_id) == list(before.image_id)
+    np.testing.assert_allclose(np.stack(before.feature), np.stack(after.feature), atol=1e-6)
