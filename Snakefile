@@ -6,6 +6,7 @@ import glob
 import os
 import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -23,7 +24,14 @@ conda: "envs/maskface.yaml"
 configfile: "config.yaml"
 
 
-# Stops the run before any job, naming the offending key, and fills in every default of the schema.
+# Stops the run before any job with one short line per mistake (key path, bad value, what is allowed)...
+from maskface.configcheck import ConfigError, check_config
+
+try:
+    check_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
+except ConfigError as _err:
+    raise WorkflowError(str(_err)) from None
+# ... then fills in every default of the schema.
 validate(config, schema="workflow/schemas/config.schema.yaml", set_default=True)
 
 

@@ -614,6 +614,7 @@ def test_workflow_mask_stage(crops, own_tmp):
                        work / f"results/aligned/tiny/shard-{k}.parquet")
     pq.write_table(pa.table({"image_id": [r["image_id"] for r in rows]}),
                    work / "results/manifests/tiny/aligned.parquet")
+    (own_tmp / "pairs.txt").write_text("1\t0\n")     # a config's local paths must exist
     (work / "config.yaml").write_text(json.dumps({
         "datasets": {"tiny": {"source": str(own_tmp), "format": "lfw", "pairs": str(own_tmp / "pairs.txt")}},
         "align": {"shards": 2}, "mask": {"seed": 5, "threads": 2, "batch": 2}}))

@@ -393,6 +393,7 @@ def test_dry_run_builds_the_training_dag(tmp_path):
     cfg = {"datasets": {"lfw": {"source": str(tmp_path), "format": "lfw", "pairs": str(tmp_path / "pairs.txt")}},
            "train": {"folds": [1, 2], "seeds": [1, 2], "mask_fraction": 0.5, "name": "t"}}
     (tmp_path / "config.yaml").write_text(json.dumps(cfg))
+    (tmp_path / "pairs.txt").write_text("2\t1\n")     # a config's local paths must exist
     # the upstream stages' outputs, present: the dry run plans the training stage only
     for f in ("manifests/lfw/aligned.parquet", "manifests/lfw/pairs.parquet", "train_cache/lfw/clean.npy",
               "train_cache/lfw/clean.parquet", "train_cache/lfw/masked.npy", "train_cache/lfw/masked.parquet"):

@@ -63,11 +63,11 @@ def test_manifests_target_end_to_end_and_idempotent(tmp_path):
 
 
 @pytest.mark.parametrize("patch,key", [
-    ({"format": "lfww"}, "['datasets']['tiny']['format']"),
-    ({"pairs": None}, "['datasets']['tiny']['pairs']"),
-    ({"role": "training"}, "['datasets']['tiny']['role']"),
-    ({"md5": "xyz"}, "['datasets']['tiny']['md5']"),
-    ({"colour": "red"}, "'colour' was unexpected"),
+    ({"format": "lfww"}, "datasets.tiny.format: 'lfww' is not allowed; one of: lfw, imagefolder"),
+    ({"pairs": None}, "datasets.tiny.pairs: a dataset of format lfw needs its pairs file"),
+    ({"role": "training"}, "datasets.tiny.role: 'training' is not allowed; one of: train, test"),
+    ({"md5": "xyz"}, "datasets.tiny.md5: 'xyz' does not match"),
+    ({"colour": "red"}, "datasets.tiny.colour: unknown key; allowed under datasets.tiny: source, format"),
 ])
 def test_bad_config_stops_before_any_job_naming_the_key(tmp_path, patch, key):
     data, work = tmp_path / "data", tmp_path / "work"
@@ -86,7 +86,7 @@ def test_bad_value_in_a_stage_section_names_the_key(tmp_path):
     work.mkdir()
     _config(work, data)
     res = smk(work, "-n", "--config", "align={'min_face_size': 'big'}", check=False)
-    assert res.returncode != 0 and "['align']['min_face_size']" in res.stdout + res.stderr
+    assert res.returncode != 0 and "align.min_face_size: 'big' is a string, expected integer" in res.stdout + res.stderr
 
 
 def test_pairs_naming_a_missing_image_fail_the_job_with_the_line(tmp_path):
