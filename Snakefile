@@ -17,10 +17,6 @@ sys.path.insert(0, _SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 
 
-# For `--sdm conda`: every job runs in this environment (the default software deployment ignores it).
-conda: "envs/maskface.yaml"
-
-
 configfile: "config.yaml"
 
 

@@ -158,3 +158,20 @@ def test_download_rule_fetches_url_archive_with_checksums(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_lint_reports_only_what_the_readme_explains():
+    """`snakemake --lint`: every finding that remains is one the README's development section gives a reason for."""
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(REPO), "--lint",
+                          "--configfile", str(REPO / "config/cpu-quick.yaml")], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    kinds = {line.strip()[2:].split(":")[0].split(" in line")[0] for line in (res.stdout + res.stderr).splitlines()
+             if line.startswith("    * ")}
+    explained = {"Environment variable PYTHONPATH used but not asserted with envvars directive",
+                 "Mixed rules and functions in same snakefile."}
+    unexplained = {k for k in kinds if k not in explained and not k.startswith('Absolute path "/')}
+    assert not unexplained, unexplained
+    readme = (REPO / "README.md").read_text()
+    for phrase in ("PYTHONPATH used but not asserted with envvars", "Mixed rules and functions in same snakefile",
+                   'Absolute path "/shard-"'):
+        assert phrase in readme

@@ -28,6 +28,8 @@ rule align_shard:
     params:
         cfg=align_cfg(),
         code=code("align", "imageio"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/align/{{dataset}}/shard-{{shard}}.log",
     benchmark:
@@ -53,6 +55,8 @@ rule align_merge:
     params:
         cfg=align_cfg(),
         code=code("align"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/align/{{dataset}}/merge.log",
     benchmark:
@@ -76,6 +80,8 @@ rule align_fidelity:
         cfg=align_cfg(),
         sample=ALIGN_FIDELITY_SAMPLE,
         code=code("align"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/align/{{dataset}}/fidelity.log",
     benchmark:

@@ -53,6 +53,8 @@ rule demo_test_video:
     params:
         spec=lambda wc: plain({**DEMO["test_video"], "masked_fraction": DEMO["masked_probes"]}),
         code=_demo_code(),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/demo/test_video.log",
     benchmark:
@@ -87,6 +89,8 @@ rule demo_threshold:
         model=lambda wc: plain({"name": DEMO["model"], **_demo_model()}),
         cfg=_demo_cfg(),
         code=_demo_code(),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/demo/threshold.log",
     benchmark:
@@ -127,12 +131,14 @@ rule demo_run:
     output:
         DEMO_OUTPUTS,
     params:
-        out=DEMO_OUT,
+        out=lambda wc, output: os.path.dirname(output[0]),   # the demo's output folder
         threshold=DEMO["threshold"],
         model=lambda wc: plain({"name": DEMO["model"], **_demo_model()}),
         cfg=_demo_cfg(),
         device=DEMO["device"],
         code=_demo_code(),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/demo/run.log",
     benchmark:

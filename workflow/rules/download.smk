@@ -14,6 +14,8 @@ rule download:
         retries=config["download"]["retries"],
         timeout=config["download"]["timeout"],
         code=code("download", "datasets"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/download/{{dataset}}.log",
     benchmark:

@@ -81,6 +81,8 @@ rule extract_features:
         chunk=EVAL["chunk"],
         mask=_features_mask_cfg,
         code=_features_code,
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/extract_features/{{model}}/{{dataset}}/{{variant}}.log",
     benchmark:
@@ -123,6 +125,8 @@ rule evaluate_model:
         model=lambda wc: plain(_model_cfg(wc.model)),
         n_impostors=EVAL.get("n_impostors", 200000),
         code=code("evaluate"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/evaluate/{{model}}/{{dataset}}.log",
     benchmark:
@@ -145,6 +149,8 @@ rule eval_summary:
         md=f"{RESULTS}/eval/summary.md",
     params:
         code=code("evaluate"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/evaluate/summary.log",
     script:

@@ -10,6 +10,8 @@ rule raw_manifest:
     params:
         code=code("datasets", "imageio", "manifest"),
         chunk=config["manifest"]["chunk"],
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/raw_manifest/{{dataset}}.log",
     benchmark:
@@ -31,6 +33,8 @@ rule pairs_manifest:
         pairs=f"{RESULTS}/manifests/{{dataset}}/pairs.parquet",
     params:
         code=code("datasets", "manifest"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/pairs_manifest/{{dataset}}.log",
     resources:

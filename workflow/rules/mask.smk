@@ -44,6 +44,8 @@ rule mask_shard:
     params:
         cfg=mask_cfg(),
         code=code("mask", "imageio", "manifest"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/mask/{{dataset}}/shard-{{shard}}.log",
     benchmark:
@@ -67,6 +69,8 @@ rule mask_merge:
     params:
         cfg=mask_cfg(),
         code=code("mask", "manifest"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/mask/{{dataset}}/merge.log",
     benchmark:
@@ -92,6 +96,8 @@ rule mask_gallery:
         cfg=mask_cfg(),
         dataset=MASK_GALLERY_DATASET,
         code=code("mask"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/mask/gallery.log",
     threads: 1

@@ -26,6 +26,8 @@ rule report_tables:
     params:
         private=[d for d in DATASETS if dataset_cfg(d).get("private")],
         code=code("report"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/report/tables.log",
     script:

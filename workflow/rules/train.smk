@@ -47,6 +47,8 @@ rule train_cache:
         index=f"{RESULTS}/train_cache/{{dataset}}/{{cvariant}}.parquet",
     params:
         code=code("train", "train_config", "imageio"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/train_cache/{{dataset}}/{{cvariant}}.log",
     benchmark:
@@ -96,6 +98,8 @@ rule train:
     params:
         spec=_train_spec,
         code=code("models", "train", "train_config"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
@@ -128,6 +132,8 @@ rule train_fold_eval:
         device=TRAIN["device"],
         batch_size=TRAIN["eval_batch_size"],
         code=code("models", "train", "train_config", "evaluate"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/train_fold_eval/{{run}}.log",
     threads: TRAIN["threads"]
@@ -153,6 +159,8 @@ rule train_summary:
         md=TRAIN_SUMMARY[1],
     params:
         code=code("train", "train_config"),
+    conda:
+        "../../envs/maskface.yaml"
     log:
         f"{LOGS}/train_summary/{TRAIN['name']}.log",
     script:
