@@ -258,6 +258,55 @@ def test_torchrun_ddp_matches_one_process(syn, tmp_path):
     np.testing.assert_array_equal(la["masked_share"], lb["masked_share"])
 
 
+def _torchrun(spec_path: Path, *extra: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "maskface.train", "run", "--spec", str(spec_path), *extra],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_resume_mid_log_window_gives_the_rows_of_an_uncut_run(syn, tmp_path):
+    """2 processes (gloo), cut at iteration 3 inside a 4-iteration log window, then resumed: the log rows equal
+    those of the uncut 2-process run (the window is summed over the ranks before it is saved, restored once)."""
+    spec = _spec(syn, iterations=8, batch_size=8, mask_fraction=0.5, threads=1, log_every=4, checkpoint_every=100)
+    for name in ("uncut", "cut"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "spec.json").write_text(json.dumps(spec))
+    _torchrun(tmp_path / "uncut" / "spec.json")
+    _torchrun(tmp_path / "cut" / "spec.json", "--stop-after", "3")
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ck["iteration"] == 3 and ck["window"]["n"] == 3 * 8      # both ranks' samples of iterations 1-3
+    _torchrun(tmp_path / "cut" / "spec.json")
+    a, b = pd.read_csv(tmp_path / "uncut" / "train_log.csv"), pd.read_csv(tmp_path / "cut" / "train_log.csv")
+    assert list(a["iteration"]) == list(b["iteration"]) == [4, 8]
+    np.testing.assert_array_equal(a["masked_share"], b["masked_share"])
+    np.testing.assert_allclose(a[["loss", "accuracy"]], b[["loss", "accuracy"]], rtol=1e-6)
+
+
+def test_rng_state_holds_the_run_device_only(monkeypatch):
+    """A checkpoint keeps the CUDA generator of the device the run uses, so a resume that sees fewer GPUs works;
+    earlier checkpoints (every visible device's state) still restore the run's own."""
+    from maskface import train as T
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.zeros(4))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every device's state saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device, int(state[0]))))
+    dev = torch.device("cuda", 1)
+    st = T._rng_state(dev)
+    assert calls == [("get", dev)] and st["cuda"].shape == (4,)
+    T._set_rng_state(st, dev)
+    assert calls[-1] == ("set", dev, 0)
+    old = dict(st, cuda=[torch.full((4,), 7), torch.full((4,), 9)])      # saved with 2 visible GPUs
+    T._set_rng_state(old, torch.device("cuda", 0))
+    assert calls[-1] == ("set", torch.device("cuda", 0), 7)
+    n = len(calls)
+    T._set_rng_state(old, torch.device("cuda", 3))                       # that device's state was never saved
+    assert len(calls) == n
+
+
 def test_other_spec_starts_over(syn, tmp_path):
     spec = _spec(syn)
     train_run(spec, tmp_path / "r", stop_after=3)

@@ -430,9 +430,11 @@ def amp_dtype_for(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def _rng_state(device: torch.device) -> dict:
+    """The generators this process uses: CPU, numpy, Python, and the one CUDA device it trains on (never every
+    visible device: a resume may see fewer)."""
     st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = torch.cuda.get_rng_state(device)
     return st
 
 
@@ -440,8 +442,24 @@ def _set_rng_state(st: Mapping[str, Any], device: torch.device) -> None:
     torch.set_rng_state(st["torch"])
     np.random.set_state(st["numpy"])
     random.setstate(st["python"])
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state_all(st["cuda"])
+    if device.type == "cuda" and st.get("cuda") is not None:
+        cuda = st["cuda"]
+        if isinstance(cuda, (list, tuple)):   # checkpoints of earlier versions: every visible device's state
+            index = device.index or 0
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+def _reduced(loss: torch.Tensor, correct: torch.Tensor, n: int, masked: int, world: int,
+             device: torch.device) -> tuple[float, float, float, float]:
+    """A log window's sums (loss, correct, samples, masked samples) over every rank (all-reduce when world > 1)."""
+    if world == 1:
+        return float(loss), float(correct), float(n), float(masked)
+    stats = torch.stack([loss, correct, torch.tensor(float(n), device=device, dtype=torch.float64),
+                         torch.tensor(float(masked), device=device, dtype=torch.float64)])
+    torch.distributed.all_reduce(stats)
+    return tuple(float(v) for v in stats)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -575,12 +593,14 @@ def train_run(spec: Mapping[str, Any], out_dir: str | os.PathLike, *, stop_after
     win_loss = torch.zeros((), device=device, dtype=torch.float64)
     win_correct = torch.zeros((), device=device, dtype=torch.float64)
     win_n, win_masked, win_t0, win_its = 0, 0, time.time(), 0
-    if window:  # a log window cut by the checkpoint: its sums continue, so the log rows match an uncut run
-        win_loss += window["loss"]
+    if window and rank == 0:  # a log window cut by the checkpoint: its sums (over every rank) continue on rank 0,
+        win_loss += window["loss"]  # so the next reduced row matches an uncut run
         win_correct += window["correct"]
         win_n, win_masked = int(window["n"]), int(window["masked"])
 
     def save_state(done: int) -> None:
+        # the open log window, summed over the ranks (every rank saves at the same iteration): restored once, on rank 0
+        w_loss, w_corr, w_n, w_m = _reduced(win_loss, win_correct, win_n, win_masked, world, device)
         if rank != 0:
             return
         e, o = divmod(done * int(cfg["batch_size"]), len(data))
@@ -590,8 +610,7 @@ def train_run(spec: Mapping[str, Any], out_dir: str | os.PathLike, *, stop_after
                       "data": {"position": done * int(cfg["batch_size"]), "epoch": e, "offset": o, "seed": seed,
                                "n": len(data)},
                       "log": rows, "run": spec.get("run"),
-                      "window": {"loss": float(win_loss), "correct": float(win_correct), "n": win_n,
-                                 "masked": win_masked}}, ckpt_path)
+                      "window": {"loss": w_loss, "correct": w_corr, "n": int(w_n), "masked": int(w_m)}}, ckpt_path)
 
     done = start
     try:
@@ -617,13 +636,7 @@ def train_run(spec: Mapping[str, Any], out_dir: str | os.PathLike, *, stop_after
             win_its += 1
             done = it + 1
             if done % log_every == 0 or done == iterations:
-                if world > 1:
-                    stats = torch.stack([win_loss, win_correct, torch.tensor(float(win_n), device=device, dtype=torch.float64),
-                                         torch.tensor(float(win_masked), device=device, dtype=torch.float64)])
-                    torch.distributed.all_reduce(stats)
-                    w_loss, w_corr, w_n, w_m = (float(v) for v in stats)
-                else:
-                    w_loss, w_corr, w_n, w_m = float(win_loss), float(win_correct), float(win_n), float(win_masked)
+                w_loss, w_corr, w_n, w_m = _reduced(win_loss, win_correct, win_n, win_masked, world, device)
                 dt = time.time() - win_t0
                 row = {"iteration": done, "loss": w_loss / w_n, "accuracy": w_corr / w_n,
                        "lambda": head.lambda_at(done), "lr": lr_used, "img_s": w_n / max(dt, 1e-9),
