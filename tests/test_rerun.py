@@ -184,6 +184,8 @@ def test_private_set_never_reaches_report_or_shared_outputs(run):
             assert not _leaks(z.read(n)), n
     tables = (work / "results/report/tables.html").read_text()
     assert "Evaluation summary" in tables and "<table>" in tables and "secret" in tables   # aggregates are there
+    assert "faces found" in tables and "share of the crop covered, proper wear" in tables   # a results page,
+    assert "coverage_by" not in tables and "status_counts" not in tables                    # not dotted keys
     for sub in ("eval", "figures", "report"):
         for f in (work / "results" / sub).rglob("*"):
             if f.is_file():

@@ -65,6 +65,8 @@ def markdown_to_html(md: str) -> str:
             while i < len(lines) and lines[i].lstrip().startswith("|"):
                 rows.append(_cells(lines[i]))
                 i += 1
+            if not rows:      # a table with no rows is left out
+                continue
             t = ["<table>", "<tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"]
             for r in rows:
                 t.append("<tr>" + "".join(
@@ -79,36 +81,114 @@ def markdown_to_html(md: str) -> str:
             para.append(lines[i].strip())
             i += 1
         out.append(f"<p>{_inline(' '.join(para))}</p>")
-    return "\n".join(out)
+    return "\n".join(_drop_empty_sections(out))
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.extend(_flatten(v, key + "."))
-        else:
-            out.append((key, v))
-    return out
+def _drop_empty_sections(blocks: list[str]) -> list[str]:
+    """Headings with nothing under them (before the next heading of the same or a higher level) are left out."""
+    def level(b: str) -> int:
+        m = re.match(r"<h(\d)>", b)
+        return int(m.group(1)) if m else 0
+
+    keep = []
+    for i, b in enumerate(blocks):
+        lv = level(b)
+        if lv:
+            body = False
+            for x in blocks[i + 1:]:
+                if level(x) and level(x) <= lv:
+                    break
+                if not level(x):
+                    body = True
+                    break
+            if not body:
+                continue
+        keep.append(b)
+    return keep
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_fmt(x) for x in v)
-    return str(v)
+def _n(v: Any) -> str:
+    return f"{int(v):,}"
+
+
+def _pct(v: Any, digits: int = 0) -> str:
+    return f"{100 * float(v):.{digits}f}%"
+
+
+def _counts(d: Mapping[str, Any]) -> str:
+    """``{"a": 3, "b": 10}`` as "b 10, a 3" (largest first)."""
+    return ", ".join(f"{k.replace('_', ' ')} {_n(v)}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _spread(d: Mapping[str, Any]) -> str:
+    """A distribution of shares as "36% (p05 32%, p95 40%; n 9,095)"."""
+    parts = [f"p05 {_pct(d['p05'])}", f"p95 {_pct(d['p95'])}"] if "p05" in d and "p95" in d else []
+    if "n" in d:
+        parts.append(f"n {_n(d['n'])}")
+    return _pct(d["mean"]) + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _align_rows(s: Mapping[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    if "rows" in s:
+        rows.append(("images", _n(s["rows"])))
+    if "faces_found" in s and "rows" in s:
+        rows.append(("faces found", f"{_n(s['faces_found'])} of {_n(s['rows'])}"
+                     + (f" ({_pct(s['detection_rate'], 1)})" if "detection_rate" in s else "")))
+    for key, label in (("fallbacks", "no face found: centre crop used"), ("no_face_skipped", "no face found: skipped"),
+                       ("multi_face_images", "images with several faces")):
+        if key in s:
+            rows.append((label, _n(s[key])))
+    if "fit_error_mean_px" in s:
+        rows.append(("5-point fit to the template, mean / median / p98",
+                     f"{s['fit_error_mean_px']:.2f} / {s.get('fit_error_median_px', float('nan')):.2f} / "
+                     f"{s.get('fit_error_p98_px', float('nan')):.2f} px"))
+    if "fit_within_3px_rate" in s:
+        rows.append(("faces fitted within 3 px (mean of the 5 points)", _pct(s["fit_within_3px_rate"])))
+    if s.get("status_counts"):
+        rows.append(("rows by status", _counts(s["status_counts"])))
+    return rows
+
+
+def _mask_rows(s: Mapping[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    crops = s.get("crops", s.get("rows"))
+    if "masked" in s and crops is not None:
+        rows.append(("faces masked", f"{_n(s['masked'])} of {_n(crops)}"
+                     + (f" ({_pct(s['masked_rate'], 1)})" if "masked_rate" in s else "")))
+    if s.get("skips"):
+        rows.append(("not masked, by reason", _counts(s["skips"])))
+    for wear, d in (s.get("coverage_by_wear") or {}).items():
+        rows.append((f"share of the crop covered, {wear.replace('_', ' ')} wear", _spread(d)))
+    by_type = s.get("coverage_by_type_proper") or {}
+    if by_type:
+        rows.append(("share covered, proper wear, by mask type",
+                     ", ".join(f"{t} {_pct(d['mean'])}" for t, d in sorted(by_type.items()))))
+    for key, label in (("mask_type_counts", "mask types"), ("wear_counts", "ways of wearing"),
+                       ("mask_color_counts", "colours"), ("mask_texture_counts", "textures")):
+        if s.get(key):
+            rows.append((label, _counts(s[key])))
+    yaw = s.get("abs_yaw_deg") or {}
+    if "median" in yaw:
+        rows.append(("head yaw (absolute), median / p99 / max",
+                     f"{yaw['median']:.1f}° / {yaw.get('p99', float('nan')):.1f}° / {yaw.get('max', float('nan')):.1f}°"))
+    return rows
 
 
 def stage_summary_markdown(title: str, summary: Mapping[str, Any], private: bool = False) -> str:
-    """A stage's summary.json as a two-column table (its ``config`` left out: the report has the config).
-    For a private dataset only numbers are kept (counts, rates, statistics), never a string value."""
-    rows = [(k, v) for k, v in _flatten({k: v for k, v in summary.items() if k != "config"})]
-    if private:
-        rows = [(k, v) for k, v in rows if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    lines = [f"### {title}", "", "| quantity | value |", "|---|---:|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    """A stage's summary.json as a results table: named quantities with units and few digits ("faces found
+    13,233 of 13,233 (100.0%)", "share of the crop covered, proper wear: 36% (p05 32%, p95 40%)").
+    Alignment and mask summaries are recognised by their keys; a summary of neither kind lists its plain
+    numbers. The labels and category names come from this code and the config, never from the dataset, so a
+    private dataset's table holds aggregates only. A summary with nothing to show gives no table."""
+    rows = _mask_rows(summary) if "masked" in summary else _align_rows(summary)
+    if not rows:
+        rows = [(k.replace("_", " "), _n(v) if isinstance(v, int) else f"{v:.3g}") for k, v in summary.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not rows:
+        return ""
+    lines = [f"### {title}", "", "| quantity | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -116,8 +196,11 @@ def tables_page(sections: Sequence[tuple[str, str]], title: str = "maskface: tab
     """A self-contained HTML page from (section title, markdown) pairs."""
     body = [f"<h1>{html.escape(title)}</h1>"]
     for name, md in sections:
+        part = markdown_to_html(md)
+        if "<table>" not in part and "<p>" not in part:   # nothing but headings: the section is left out
+            continue
         body.append(f"<h2>{html.escape(name)}</h2>")
-        body.append(markdown_to_html(md))
+        body.append(part)
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) +
             "</title><style>" + _CSS + "</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
@@ -136,6 +219,7 @@ def build_tables_page(out: str | os.PathLike, *, eval_summary: Optional[str] = N
     if trains:
         sections.append(("Training", "\n\n".join(trains)))
     stages = [stage_summary_markdown(t, json.loads(Path(p).read_text()), private) for t, p, private in stage_summaries]
+    stages = [md for md in stages if md]
     if stages:
         sections.append(("Stages", "\n".join(stages)))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
