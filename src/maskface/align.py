@@ -182,12 +182,8 @@ class AlignConfig:
             raise ValueError(f"align.min_face_size {self.min_face_size!r}: must be >= 4")
 
     def resolved_device(self) -> str:
-        import torch
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("align.device is cuda but torch sees no CUDA device (use auto or cpu)")
-        return self.device
+        from .devices import resolve
+        return resolve(self.device, "align.device")
 
     def resolved_batch(self, device: str) -> int:
         return self.batch_size if self.batch_size > 0 else (64 if device == "cuda" else 8)
@@ -556,6 +552,9 @@ def align_items(items: list[dict], cfg: AlignConfig, method: str, *, progress: b
         return []
     device = cfg.resolved_device()
     batch = cfg.resolved_batch(device)
+    from .devices import describe
+    log.info("%s: %s, batch %d, %d worker process(es)", desc, describe(device), batch,
+             1 if device == "cuda" else max(1, int(cfg.workers)))
     workers = 1 if device == "cuda" else max(1, int(cfg.workers))
     workers = min(workers, max(1, math.ceil(len(items) / batch)))
     # order by size so that chunks hold same-size images (facenet-pytorch batches one size only)

@@ -160,7 +160,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 def make_detector(cfg: DemoConfig):
     from .align import Detector
     from .features import resolve_device
-    return Detector(cfg.min_face_size, cfg.det_thresholds, cfg.factor, resolve_device(cfg.device))
+    return Detector(cfg.min_face_size, cfg.det_thresholds, cfg.factor, resolve_device(cfg.device, "demo.device"))
 
 
 def face_inputs(embedder, rgb: np.ndarray, boxes: np.ndarray, points: np.ndarray) -> list:

@@ -410,12 +410,10 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     return net.to(device).eval(), meta
 
 
-def resolve_device(device: str = "auto") -> str:
-    import torch
+def resolve_device(device: str = "auto", key: str = "evaluate.device") -> str:
+    from .devices import resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return resolve(device, key)
 
 
 @register_embedder

@@ -414,13 +414,14 @@ def _file_id(path) -> str:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device is cuda but no CUDA device is available")
+    from .devices import resolve
+
+    if resolve(device, "train.device") == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"rank {local_rank} needs cuda:{local_rank} but this job sees "
+                               f"{torch.cuda.device_count()} GPU(s): ask for as many GPUs as train.gpus")
         return torch.device("cuda", local_rank)
-    return torch.device(device)
+    return torch.device("cpu")
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -545,6 +546,10 @@ def train_run(spec: Mapping[str, Any], out_dir: str | os.PathLike, *, stop_after
     if cfg["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if rank == 0:
+        from .devices import describe
+        log.info("run %s: %s", spec.get("run"), describe(device, amp=cfg["amp"] if device.type == "cuda" else "none",
+                                                          world_size=world))
     seed = int(spec.get("seed", 1))
     digest = spec_digest(spec)
     t_data = time.time()

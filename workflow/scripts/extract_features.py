@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from maskface.align import ALIGNED_STATUSES
 from maskface.features import FaceInput, SourceLoader, embed_all, make_embedder, masked_source_loader, write_features
+from maskface.devices import describe
 from maskface.imageio import decode_png
 from maskface.manifest import provenance
 from maskface.smk import logged
@@ -41,6 +42,7 @@ with logged(snakemake) as log:
     if mcfg.get("eval"):
         kwargs["eval_settings"] = mcfg["eval"]
     emb = make_embedder(mcfg["embedder"], **kwargs)
+    log.info("%s: %s", emb.name, describe(getattr(emb, "device", "cpu")))
     ids = usable["image_id"].tolist()
     if emb.input_kind == "source" and variant == "masked":
         masked = pd.read_parquet(snakemake.input.masked, columns=[

@@ -1,0 +1,53 @@
+"""device: auto means CUDA, or the CPU when the job was given no GPU; a job given a GPU that torch cannot use
+fails with the reason instead of training on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskface import devices
+from maskface.devices import RESERVING_VARIABLES, DeviceError, describe, gpu_reserved, resolve
+
+
+@pytest.fixture()
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in RESERVING_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_auto_is_the_cpu_when_no_gpu_was_given(no_cuda, monkeypatch):
+    assert resolve("auto", "train.device") == "cpu"
+    assert resolve("cpu", "train.device") == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")        # every GPU hidden on purpose: the CPU
+    assert resolve("auto", "train.device") == "cpu"
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
+    assert resolve("auto", "train.device") == "cpu"
+
+
+@pytest.mark.parametrize("name,value", [("SLURM_JOB_GPUS", "0"), ("SLURM_STEP_GPUS", "2,3"),
+                                        ("SLURM_GPUS_ON_NODE", "1"), ("CUDA_VISIBLE_DEVICES", "0")])
+def test_auto_refuses_the_cpu_when_the_job_was_given_a_gpu(no_cuda, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    assert gpu_reserved() == f"{name}={value}"
+    with pytest.raises(DeviceError, match=rf"train.device is auto and this job was given a GPU \({name}={value}\)"):
+        resolve("auto", "train.device")
+
+
+def test_cuda_without_cuda_names_the_reason(no_cuda, monkeypatch):
+    monkeypatch.setattr(devices, "_why_no_cuda", lambda: "torch 9.9 (built for CUDA 13.0): driver too old")
+    with pytest.raises(DeviceError, match="align.device is cuda but CUDA cannot be used: .*driver too old"):
+        resolve("cuda", "align.device")
+    with pytest.raises(DeviceError, match="must be auto, cpu or cuda"):
+        resolve("gpu", "align.device")
+
+
+def test_the_real_reason_on_this_machine(no_cuda):
+    """Whatever torch says here (a CPU build, or a CUDA build without a driver), it is one line."""
+    reason = devices._why_no_cuda()
+    assert reason.startswith("torch ") and "\n" not in reason
+
+
+def test_describe_line():
+    line = describe("cpu", amp="none", world_size=1)
+    assert line.startswith("device cpu (") and f"torch {torch.__version__}" in line and "world size 1" in line
