@@ -31,6 +31,13 @@ def test_stage_tables_name_quantities_with_units():
         assert "_" not in text.replace("Alignment: lfw", "") and "config" not in text   # no raw keys
 
 
+def test_a_tiny_set_without_some_wears_or_types():
+    md = stage_summary_markdown("Masks: tiny", {"crops": 3, "masked": 2, "skips": {"yaw": 1},
+                                                 "coverage_by_wear": {"chin": None, "proper": {"mean": 0.35, "n": 2}},
+                                                 "coverage_by_type_proper": {"gas": None}, "abs_yaw_deg": None})
+    assert "| share of the crop covered, proper wear | 35% (n 2) |" in md and "chin" not in md and "gas" not in md
+
+
 def test_empty_tables_and_their_headings_are_left_out(tmp_path):
     html = markdown_to_html("# Summary\n\n## LFW\n\n| model | acc |\n|---|---:|\n\n## Private sets\n\nnone\n")
     assert "<table>" not in html and "LFW" not in html and "Private sets" in html and "Summary" in html

@@ -134,16 +134,16 @@ def _align_rows(s: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("images", _n(s["rows"])))
     if "faces_found" in s and "rows" in s:
         rows.append(("faces found", f"{_n(s['faces_found'])} of {_n(s['rows'])}"
-                     + (f" ({_pct(s['detection_rate'], 1)})" if "detection_rate" in s else "")))
+                     + (f" ({_pct(s['detection_rate'], 1)})" if s.get("detection_rate") is not None else "")))
     for key, label in (("fallbacks", "no face found: centre crop used"), ("no_face_skipped", "no face found: skipped"),
                        ("multi_face_images", "images with several faces")):
         if key in s:
             rows.append((label, _n(s[key])))
-    if "fit_error_mean_px" in s:
+    if s.get("fit_error_mean_px") is not None:
         rows.append(("5-point fit to the template, mean / median / p98",
-                     f"{s['fit_error_mean_px']:.2f} / {s.get('fit_error_median_px', float('nan')):.2f} / "
-                     f"{s.get('fit_error_p98_px', float('nan')):.2f} px"))
-    if "fit_within_3px_rate" in s:
+                     " / ".join(f"{s.get(k) if s.get(k) is not None else float('nan'):.2f}" for k in
+                                ("fit_error_mean_px", "fit_error_median_px", "fit_error_p98_px")) + " px"))
+    if s.get("fit_within_3px_rate") is not None:
         rows.append(("faces fitted within 3 px (mean of the 5 points)", _pct(s["fit_within_3px_rate"])))
     if s.get("status_counts"):
         rows.append(("rows by status", _counts(s["status_counts"])))
@@ -155,12 +155,14 @@ def _mask_rows(s: Mapping[str, Any]) -> list[tuple[str, str]]:
     crops = s.get("crops", s.get("rows"))
     if "masked" in s and crops is not None:
         rows.append(("faces masked", f"{_n(s['masked'])} of {_n(crops)}"
-                     + (f" ({_pct(s['masked_rate'], 1)})" if "masked_rate" in s else "")))
+                     + (f" ({_pct(s['masked_rate'], 1)})" if s.get("masked_rate") is not None else "")))
     if s.get("skips"):
         rows.append(("not masked, by reason", _counts(s["skips"])))
     for wear, d in (s.get("coverage_by_wear") or {}).items():
+        if not d or d.get("mean") is None:      # no face wore it this way
+            continue
         rows.append((f"share of the crop covered, {wear.replace('_', ' ')} wear", _spread(d)))
-    by_type = s.get("coverage_by_type_proper") or {}
+    by_type = {t: d for t, d in (s.get("coverage_by_type_proper") or {}).items() if d and d.get("mean") is not None}
     if by_type:
         rows.append(("share covered, proper wear, by mask type",
                      ", ".join(f"{t} {_pct(d['mean'])}" for t, d in sorted(by_type.items()))))
@@ -168,10 +170,10 @@ def _mask_rows(s: Mapping[str, Any]) -> list[tuple[str, str]]:
                        ("mask_color_counts", "colours"), ("mask_texture_counts", "textures")):
         if s.get(key):
             rows.append((label, _counts(s[key])))
-    yaw = s.get("abs_yaw_deg") or {}
-    if "median" in yaw:
+    yaw = s.get("abs_yaw_deg") or {}  # None values: no face
+    if yaw.get("median") is not None:
         rows.append(("head yaw (absolute), median / p99 / max",
-                     f"{yaw['median']:.1f}° / {yaw.get('p99', float('nan')):.1f}° / {yaw.get('max', float('nan')):.1f}°"))
+                     " / ".join(f"{yaw.get(k) if yaw.get(k) is not None else float('nan'):.1f}°" for k in ("median", "p99", "max"))))
     return rows
 
 
