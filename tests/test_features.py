@@ -143,6 +143,7 @@ def test_module_callable_arch(tmp_path):
         load_checkpoint(ck)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_sphereface_on_cuda_matches_cpu(tmp_path):
     ck = tmp_path / "tiny.pt"

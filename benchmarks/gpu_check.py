@@ -1,0 +1,293 @@
+"""The GPU check: one script, about 8 minutes on one H100/H200, for a session that is lent a GPU.
+
+    python benchmarks/gpu_check.py --out "$OUT"                  # on the GPU machine
+    python benchmarks/gpu_check.py --dry --out /tmp/gpu_check     # every step on the CPU at a tiny size
+
+Writes gpu_check.json and gpu_check.md to ``--out``. Each step is measured on its own; a step that fails is
+recorded with its error and the others still run. Steps:
+
+1. environment: driver, torch, CUDA, cuDNN, device names and count, bf16 support;
+2. the CUDA tests: ``pytest -m cuda`` (skipped without CUDA);
+3. SphereFace-20 training throughput at batch 512 (fp32; bf16 + channels_last; + torch.compile), img/s and
+   peak memory, beside the training loader's own img/s (``benchmarks/bench_train.py``);
+4. stop + resume with ``deterministic: true``: bit-identical weights;
+5. bf16 and fp32 loss curves over 20 iterations;
+6. MTCNN alignment of ``--n-align`` LFW images on the GPU and on the CPU: throughput, box IoU, landmark px;
+7. SphereFace embedder throughput and CPU/GPU feature agreement (cosine) on the aligned crops of step 6;
+8. a 2-rank DDP run (NCCL) when 2 GPUs are visible, else recorded as skipped (``--dry``: gloo on the CPU).
+
+Its data: ``--n-align`` LFW images read from ``--lfw`` (``$MASKFACE_LFW`` or ``../shared/data/lfw``), never
+copied into the repository; synthetic crops for the training steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "src"))
+
+
+def step(results: dict, name: str):
+    """Decorator: run the step, record its result or its error and its wall time."""
+    def wrap(fn):
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+            results[name] = {"ok": True, **(out or {})}
+        except Exception as exc:  # noqa: BLE001 - a failed step is a result
+            results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                             "traceback": traceback.format_exc()[-3000:]}
+        results[name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"[gpu_check] {name}: {'ok' if results[name]['ok'] else 'FAILED ' + results[name]['error']} "
+              f"({results[name]['wall_s']} s)", file=sys.stderr, flush=True)
+        return fn
+    return wrap
+
+
+def environment() -> dict:
+    out = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+           "devices": [], "python": sys.version.split()[0], "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        out["cudnn"] = torch.backends.cudnn.version()
+        out["bf16_supported"] = torch.cuda.is_bf16_supported()
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out["devices"].append({"name": p.name, "memory_gib": round(p.total_memory / 2 ** 30, 1),
+                                   "capability": f"{p.major}.{p.minor}"})
+    try:
+        out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        out["driver"] = None
+    return out
+
+
+def cuda_tests() -> dict:
+    res = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    lines = [x for x in res.stdout.strip().splitlines() if x.strip()]
+    return {"exit_code": res.returncode, "summary": lines[-1] if lines else "", "tail": res.stdout[-1500:]}
+
+
+def train_throughput(device: torch.device, dry: bool) -> dict:
+    import bench_train as bt
+
+    depth, width, batch = (4, 0.125, 8) if dry else (20, 1.0, 512)
+    steps, warmup = (1, 1) if dry else (20, 5)
+    modes = ["fp32", "bf16+channels_last"] + ([] if dry else ["bf16+channels_last+compile"])
+    model = [bt.bench_model(depth, width, batch, 10572, m, device, steps, warmup) for m in modes]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache, decode = bt.synthetic_cache(Path(tmp), 64 if dry else 4000)
+        loader = [bt.bench_loader(cache, batch, device, 3 if dry else 30, mf) for mf in (0.0, 0.5)]
+    return {"model": model, "loader": loader, "png_decode_img_s": decode,
+            "limit": "loader" if min(x["img_s"] for x in loader) < max(x["img_s"] for x in model) else "model"}
+
+
+def _synthetic_source(folder: Path, n: int, ids: int) -> dict:
+    import bench_train as bt
+
+    cache, _ = bt.synthetic_cache(folder, n, ids=ids)
+    return {"dataset": "syn", "manifest": str(folder / "aligned.parquet"), "clean": cache}
+
+
+def _spec(src: dict, device: str, dry: bool, **train) -> dict:
+    t = {"arch": {"depth": 4, "width": 0.125} if dry else {"depth": 20, "width": 0.5}, "iterations": 12,
+         "batch_size": 8 if dry else 128, "lr": 0.05, "lr_steps": [8], "log_every": 1, "checkpoint_every": 4,
+         "threads": 2, "prefetch": 2, "device": device, "min_images": 1}
+    t.update(train)
+    return {"run": "check", "seed": 3, "protocol": "external", "sources": [src], "train": t}
+
+
+def resume_identical(device: str, dry: bool) -> dict:
+    from maskface.train import train_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = _synthetic_source(Path(tmp), 200, 10)
+        spec = _spec(src, device, dry, deterministic=True)
+        train_run(spec, Path(tmp) / "full")
+        train_run(spec, Path(tmp) / "cut", stop_after=6)
+        train_run(spec, Path(tmp) / "cut")
+        a = torch.load(Path(tmp) / "full" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+        b = torch.load(Path(tmp) / "cut" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+        differing = [k for k in a if not torch.equal(a[k], b[k])]
+    return {"bit_identical": not differing, "tensors": len(a), "differing": differing[:10]}
+
+
+def bf16_vs_fp32(device: str, dry: bool) -> dict:
+    import pandas as pd
+
+    from maskface.train import train_run
+
+    losses = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = _synthetic_source(Path(tmp), 400, 20)
+        for amp in ("none", "bf16"):
+            spec = _spec(src, device, dry, amp=amp, iterations=20, lr_steps=[15], checkpoint_every=20)
+            train_run(spec, Path(tmp) / amp)
+            losses[amp] = pd.read_csv(Path(tmp) / amp / "train_log.csv")["loss"].to_numpy()
+    rel = np.abs(losses["bf16"] - losses["none"]) / np.maximum(np.abs(losses["none"]), 1e-9)
+    return {"loss_fp32": losses["none"].round(4).tolist(), "loss_bf16": losses["bf16"].round(4).tolist(),
+            "max_rel_diff": float(rel.max()), "mean_rel_diff": float(rel.mean()), "agree_within_5pct": bool(rel.max() < 0.05)}
+
+
+def _lfw_images(lfw: Path, n: int) -> list[dict]:
+    from PIL import Image
+
+    out = []
+    for person in sorted((lfw / "images_deepfunneled").iterdir()):
+        for f in sorted(person.glob("*.jpg")):
+            w, h = Image.open(f).size
+            out.append({"image_id": f"{person.name}/{f.name}", "identity": person.name, "src": str(f), "shard": 0,
+                        "width": w, "height": h})
+            if len(out) == n:
+                return out
+    return out
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def alignment(device: str, lfw: Path, n: int, cpu_workers: int) -> tuple[dict, list[dict]]:
+    from maskface.align import AlignConfig, align_items
+
+    items = _lfw_images(lfw, n)
+    runs = {}
+    for name, cfg in (("device", AlignConfig.from_mapping({"device": device})),
+                      ("cpu", AlignConfig.from_mapping({"device": "cpu", "workers": cpu_workers}))):
+        t0 = time.perf_counter()
+        recs = align_items(items, cfg, "center", progress=False, desc=f"align {name}")
+        runs[name] = (recs, time.perf_counter() - t0)
+    (dev, t_dev), (cpu, t_cpu) = runs["device"], runs["cpu"]
+    ious, px = [], []
+    for a, b in zip(dev, cpu):
+        if a.get("bbox") is not None and b.get("bbox") is not None and not a.get("fallback") and not b.get("fallback"):
+            ious.append(_iou(a["bbox"], b["bbox"]))
+            px.append(float(np.abs(np.asarray(a["landmarks5"]) - np.asarray(b["landmarks5"])).max()))
+    return ({"images": len(items), "device_img_s": len(items) / t_dev, "cpu_img_s": len(items) / t_cpu,
+             "cpu_workers": cpu_workers, "compared": len(ious), "box_iou_min": float(np.min(ious)) if ious else None,
+             "box_iou_mean": float(np.mean(ious)) if ious else None,
+             "landmarks_max_px_p99": float(np.percentile(px, 99)) if px else None,
+             "landmarks_max_px_max": float(np.max(px)) if px else None}, dev)
+
+
+def embedders(device: str, crops: list[dict], dry: bool) -> dict:
+    from maskface.features import FaceInput, make_embedder
+    from maskface.imageio import decode_png
+    from maskface.models import save_model, sphereface_net
+
+    faces = [FaceInput(decode_png(r["png"])) for r in crops if r.get("png") is not None]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        kwargs = {"depth": 4, "width": 0.125} if dry else {"depth": 20, "width": 1.0}
+        net = sphereface_net(**kwargs)
+        ck = Path(tmp) / "sphereface.pt"
+        save_model(ck, net)      # random weights: agreement and speed, not accuracy
+        feats = {}
+        for dev in (device, "cpu") if device != "cpu" else ("cpu",):
+            emb = make_embedder("sphereface", checkpoint=str(ck), device=dev)
+            emb.embed(faces[:8])                       # warm-up (cuDNN autotune)
+            t0 = time.perf_counter()
+            feats[dev] = emb.embed(faces)
+            out[f"sphereface_{dev}_img_s"] = len(faces) / (time.perf_counter() - t0)
+        if device != "cpu":
+            a, b = feats[device], feats["cpu"]
+            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            out.update(sphereface_cos_min=float(cos.min()), sphereface_cos_mean=float(cos.mean()))
+    return {"faces": len(faces), **out}
+
+
+def ddp(device: str, dry: bool) -> dict:
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if device == "cuda" and gpus < 2:
+        return {"skipped": f"{gpus} GPU visible: a 2-rank run needs 2"}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = _synthetic_source(Path(tmp), 200, 10)
+        spec = _spec(src, device, dry, iterations=6, checkpoint_every=6)
+        (Path(tmp) / "run").mkdir()
+        (Path(tmp) / "run" / "spec.json").write_text(json.dumps(spec))
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "maskface.train", "run", "--spec", str(Path(tmp) / "run" / "spec.json")],
+                             env=env, capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr[-2000:])
+        return {"backend": "nccl" if device == "cuda" else "gloo", "ranks": 2,
+                "model_written": (Path(tmp) / "run" / "model.pt").is_file()}
+
+
+def markdown(res: dict) -> str:
+    lines = ["# GPU check", "", f"mode: {res['mode']}, total {res['total_s']:.0f} s", ""]
+    env = res.get("environment", {})
+    lines += [f"- torch {env.get('torch')}, CUDA {env.get('cuda_build')}, cuDNN {env.get('cudnn')}, driver "
+              f"{env.get('driver')}, devices {', '.join(d['name'] for d in env.get('devices', [])) or 'none'}, "
+              f"bf16 {env.get('bf16_supported')}", ""]
+    lines += ["| step | ok | s | result |", "|---|---|---:|---|"]
+    for name, r in res.items():
+        if not isinstance(r, dict) or "ok" not in r:
+            continue
+        body = r.get("error") or json.dumps({k: v for k, v in r.items() if k not in ("ok", "wall_s", "traceback",
+                                                                                    "tail")}, default=str)[:600]
+        lines.append(f"| {name} | {'yes' if r['ok'] else 'NO'} | {r['wall_s']} | {body.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dry", action="store_true", help="every step on the CPU at a tiny size")
+    ap.add_argument("--out", default=os.environ.get("OUT", "results/gpu_check"))
+    ap.add_argument("--lfw", default=os.environ.get("MASKFACE_LFW", str(REPO.parent / "shared" / "data" / "lfw")))
+    ap.add_argument("--n-align", type=int, default=None, help="LFW images to align (default 2000; --dry 12)")
+    a = ap.parse_args(argv)
+    if not a.dry and not torch.cuda.is_available():
+        print("gpu_check: torch sees no CUDA device; use --dry for the CPU dry mode", file=sys.stderr)
+        return 2
+    device = "cpu" if a.dry else "cuda"
+    n_align = a.n_align or (12 if a.dry else 2000)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"mode": "dry (CPU, tiny sizes)" if a.dry else "gpu"}
+    t0 = time.perf_counter()
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    step(res, "environment")(lambda: environment())
+    step(res, "cuda_tests")(lambda: cuda_tests())
+    step(res, "train_throughput")(lambda: train_throughput(torch.device(device), a.dry))
+    step(res, "resume_bit_identical")(lambda: resume_identical(device, a.dry))
+    step(res, "bf16_vs_fp32")(lambda: bf16_vs_fp32(device, a.dry))
+    crops: list = []
+
+    def align_step():
+        r, recs = alignment(device, Path(a.lfw), n_align, max(1, (os.cpu_count() or 2) - 1))
+        crops.extend(recs)
+        return r
+
+    step(res, "alignment")(align_step)
+    step(res, "embedders")(lambda: embedders(device, crops[:512], a.dry))
+    step(res, "ddp_2_ranks")(lambda: ddp(device, a.dry))
+    res["total_s"] = time.perf_counter() - t0
+    (out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str))
+    (out / "gpu_check.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0 if all(r.get("ok") for r in res.values() if isinstance(r, dict) and "ok" in r) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
