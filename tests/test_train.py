@@ -438,20 +438,34 @@ def test_schema_defaults_mirror_train_defaults():
 
 
 @pytest.mark.slow
-def test_dry_run_builds_the_training_dag(tmp_path):
+def _dry_run_training(tmp_path: Path, train: dict, cores: int = 1) -> str:
+    """`snakemake -n train_all` with the upstream stages' outputs present (it plans the training stage only)."""
     cfg = {"datasets": {"lfw": {"source": str(tmp_path), "format": "lfw", "pairs": str(tmp_path / "pairs.txt")}},
-           "train": {"folds": [1, 2], "seeds": [1, 2], "mask_fraction": 0.5, "name": "t"}}
+           "train": train}
     (tmp_path / "config.yaml").write_text(json.dumps(cfg))
     (tmp_path / "pairs.txt").write_text("2\t1\n")     # a config's local paths must exist
-    # the upstream stages' outputs, present: the dry run plans the training stage only
     for f in ("manifests/lfw/aligned.parquet", "manifests/lfw/pairs.parquet", "train_cache/lfw/clean.npy",
               "train_cache/lfw/clean.parquet", "train_cache/lfw/masked.npy", "train_cache/lfw/masked.parquet"):
         (tmp_path / "results" / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "results" / f).write_bytes(b"")
     res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-                          "-n", "--cores", "1", "train_all"], capture_output=True, text=True, timeout=300)
+                          "-n", "--cores", str(cores), "train_all"], capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
+    return out
+
+
+def test_a_multi_gpu_run_asks_for_one_node_and_threads_and_memory_per_gpu(tmp_path):
+    out = _dry_run_training(tmp_path, {"folds": [1], "name": "t", "gpus": 4, "threads": 3, "device": "cuda"},
+                            cores=64)
+    job = out[out.index("rule train:"):]
+    job = job[:job.index("\n\n")]
+    assert "threads: 12" in job
+    assert "nodes=1" in job and "gpu=4" in job and "mem_mb=40960" in job, job
+
+
+def test_dry_run_builds_the_training_dag(tmp_path):
+    out = _dry_run_training(tmp_path, {"folds": [1, 2], "seeds": [1, 2], "mask_fraction": 0.5, "name": "t"})
     for run in ("t-fold1-seed1", "t-fold2-seed1", "t-fold1-seed2", "t-fold2-seed2"):
         assert f"results/models/{run}/model.pt" in out and f"results/models/{run}/fold_eval.json" in out
     stats = dict(line.split()[:2] for line in out.splitlines() if line.startswith(("train ", "train_fold_eval ",

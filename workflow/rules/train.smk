@@ -104,12 +104,15 @@ rule train:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
         f"{BENCH}/train/{{run}}.tsv"
-    threads: TRAIN["threads"]
+    # one process per GPU (torchrun): threads (torch intra-op + loader) and memory grow with train.gpus; all of
+    # a run's GPUs on one node (a DDP run is --standalone)
+    threads: TRAIN["threads"] * TRAIN["gpus"]
     resources:
         **part(gpu=TRAIN["device"] != "cpu"),
-        mem_mb=16384,
+        mem_mb=16384 + 8192 * (TRAIN["gpus"] - 1),
         runtime=24 * 60,
         gpu=TRAIN["gpus"] if TRAIN["device"] != "cpu" else 0,
+        nodes=1,
     script:
         "../scripts/train.py"
 

@@ -1,5 +1,6 @@
 """Rule train: one run; several GPUs -> torchrun with DistributedDataParallel (maskface.train)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,14 @@ with logged(snakemake) as log:
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
     gpus = int(spec["train"]["gpus"])
+    if gpus > 1 and spec["train"]["device"] != "cpu":
+        import torch
+
+        seen = torch.cuda.device_count()   # before torchrun: a rank without its own GPU would fail mid-start
+        if seen < gpus:
+            raise RuntimeError(f"train.gpus is {gpus} but this job sees {seen} GPU(s) (CUDA_VISIBLE_DEVICES="
+                               f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): ask the scheduler for {gpus} "
+                               f"GPUs on one node, or lower train.gpus")
     if gpus > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                "-m", "maskface.train", "run", "--spec", str(out / "spec.json")]
