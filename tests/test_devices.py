@@ -51,3 +51,46 @@ def test_the_real_reason_on_this_machine(no_cuda):
 def test_describe_line():
     line = describe("cpu", amp="none", world_size=1)
     assert line.startswith("device cpu (") and f"torch {torch.__version__}" in line and "world size 1" in line
+
+
+_CLAIMER = """
+import sys
+import maskface.devices as d
+d.gpu_device_count = lambda: 2          # a workstation with two GPUs
+try:
+    print(d.claim_gpus(int(sys.argv[1])), flush=True)
+except d.DeviceError as exc:
+    print("ERROR", exc, flush=True)
+    sys.exit(3)
+sys.stdin.read()                         # hold the claim until the test closes stdin
+"""
+
+
+def test_jobs_on_a_workstation_claim_different_gpus(tmp_path):
+    """Concurrent GPU jobs get different GPUs; one too many stops with the way out; an ended job frees its GPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in RESERVING_VARIABLES}
+    env["MASKFACE_GPU_LOCKS"] = str(tmp_path)
+
+    def start(n=1):
+        return subprocess.Popen([sys.executable, "-c", _CLAIMER, str(n)], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+
+    a, b = start(), start()
+    ids = {a.stdout.readline().strip(), b.stdout.readline().strip()}
+    assert ids == {"0", "1"}
+    c = start()
+    out, _ = c.communicate(timeout=60)
+    assert c.returncode == 3 and "all 2 GPUs of this machine are claimed" in out and "--resources gpu=2" in out
+    a.communicate(timeout=60)                 # a ends: its GPU is free again
+    d = start()
+    assert d.stdout.readline().strip() in ids
+    for p in (b, d):
+        p.communicate(timeout=60)
+    env["CUDA_VISIBLE_DEVICES"] = "1"         # chosen by the user or a scheduler: no claim
+    e = start()
+    assert e.stdout.readline().strip() == "None"
+    e.communicate(timeout=60)

@@ -5,10 +5,21 @@ that cannot use it (a CPU-only build, a driver too old for the wheel's CUDA, a d
 error that says so, not a silent fall-back that trains on the CPU until the job's time limit.
 A job was given a GPU when SLURM says so (``SLURM_JOB_GPUS``, ``SLURM_STEP_GPUS``, ``SLURM_GPUS_ON_NODE``) or
 ``CUDA_VISIBLE_DEVICES`` names a device (an empty value or ``-1`` hides them all and means the CPU).
+
+Several GPUs on one workstation: Snakemake's local executor counts the ``gpu`` resource but assigns no device,
+so every job would land on GPU 0. Where neither SLURM nor the user has set ``CUDA_VISIBLE_DEVICES``, a job
+that may use CUDA claims free GPUs itself (:func:`claim_gpus`): an exclusive lock on one file per GPU in
+``$MASKFACE_GPU_LOCKS`` (default: ``maskface-gpu-locks`` in the system's temporary folder), held until the
+process ends (a crash releases it), and ``CUDA_VISIBLE_DEVICES`` set to the claimed ones before CUDA starts.
+Run with ``--resources gpu=N`` (N = the machine's GPUs) so that Snakemake never starts more GPU jobs than there
+are GPUs; a job that finds every GPU claimed stops with that advice.
 """
 from __future__ import annotations
 
+import glob
 import os
+import re
+import tempfile
 from typing import Optional
 
 RESERVING_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES")
@@ -26,6 +37,51 @@ def gpu_reserved() -> Optional[str]:
             continue
         return f"{name}={value}"
     return None
+
+
+_CLAIMED: list = []    # open lock files: held for the life of the process
+
+
+def gpu_device_count() -> int:
+    """NVIDIA GPUs on this machine, from the device files (without starting CUDA, which would fix the set of
+    visible devices before a claim)."""
+    return len([p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)])
+
+
+def claim_gpus(n: int = 1) -> Optional[str]:
+    """Claim ``n`` free GPUs of this machine for this process and its children (``CUDA_VISIBLE_DEVICES``), unless
+    the scheduler or the user has already chosen (:func:`gpu_reserved`, or the variable set at all), or the
+    machine has at most ``n`` GPUs (nothing to choose). Returns the claimed ids ("1" or "0,2"), or None."""
+    import fcntl
+
+    if _CLAIMED or "CUDA_VISIBLE_DEVICES" in os.environ or gpu_reserved():
+        return None
+    total = gpu_device_count()
+    if total <= n:
+        return None
+    folder = os.environ.get("MASKFACE_GPU_LOCKS") or os.path.join(tempfile.gettempdir(), "maskface-gpu-locks")
+    os.makedirs(folder, exist_ok=True)
+    got = []
+    for k in range(total):
+        fh = open(os.path.join(folder, f"gpu-{k}.lock"), "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            continue
+        got.append((k, fh))
+        if len(got) == n:
+            break
+    if len(got) < n:
+        for _, fh in got:
+            fh.close()
+        raise DeviceError(f"this job needs {n} GPU(s) but all {total} GPUs of this machine are claimed by other "
+                          f"maskface jobs (locks in {folder}): run Snakemake with --resources gpu={total} so that it "
+                          f"never starts more GPU jobs than there are GPUs")
+    _CLAIMED.extend(fh for _, fh in got)
+    ids = ",".join(str(k) for k, _ in got)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids
+    return ids
 
 
 def _why_no_cuda() -> str:
@@ -49,6 +105,7 @@ def resolve(device: str, key: str) -> str:
         raise DeviceError(f"{key} must be auto, cpu or cuda, got {device!r}")
     if device == "cpu":
         return "cpu"
+    claim_gpus(1)     # a workstation with several GPUs: a free one, before CUDA starts
     if torch.cuda.is_available():
         return "cuda"
     if device == "cuda":

@@ -15,6 +15,9 @@ with logged(snakemake) as log:
     (out / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
     gpus = int(spec["train"]["gpus"])
     if gpus > 1 and spec["train"]["device"] != "cpu":
+        from maskface.devices import claim_gpus
+
+        claim_gpus(gpus)                   # a workstation: free GPUs for the ranks (a cluster has chosen already)
         import torch
 
         seen = torch.cuda.device_count()   # before torchrun: a rank without its own GPU would fail mid-start
