@@ -236,7 +236,8 @@ def test_snakemake_demo_dry_run_and_not_in_all(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "config.yaml").write_text(json.dumps(
-        {"datasets": {"tiny": {"source": str(data), "format": "lfw", "pairs": str(data / "pairs.txt")}}}))
+        {"datasets": {"tiny": {"source": str(data), "format": "lfw", "pairs": str(data / "pairs.txt")}},
+         "train": {"max_cpu_hours": 10 ** 6}}))       # a dry run: the default SphereFace-20 runs are only planned
     base = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", "1", "-n"]
     res = subprocess.run(base + ["demo"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

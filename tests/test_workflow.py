@@ -112,10 +112,19 @@ def test_default_config_builds_a_dag(tmp_path):
 
 @pytest.mark.lfw
 def test_real_lfw_dag_builds(lfw, tmp_path):
-    cfg = (REPO / "config/lfw-local.yaml").read_text().replace("../shared/data/lfw", str(lfw))
-    (tmp_path / "config.yaml").write_text(cfg)
+    """The real LFW's DAG: config/cpu-quick.yaml plans on this CPU; config/lfw-local.yaml (the default 10
+    SphereFace-20 runs) is refused here, before any job, unless a GPU is present."""
+    quick = (REPO / "config/cpu-quick.yaml").read_text().replace("../shared/data/lfw", str(lfw))
+    (tmp_path / "config.yaml").write_text(quick)
     res = smk(tmp_path, "-n", check=False)
     assert res.returncode == 0, res.stderr[-3000:]
+    full = (REPO / "config/lfw-local.yaml").read_text().replace("../shared/data/lfw", str(lfw))
+    (tmp_path / "config.yaml").write_text(full)
+    res = smk(tmp_path, "-n", check=False)
+    if Path("/dev/nvidia0").exists():
+        assert res.returncode == 0, res.stderr[-3000:]
+    else:
+        assert res.returncode != 0 and "would train on the CPU" in res.stdout + res.stderr
 
 
 def test_download_rule_fetches_url_archive_with_checksums(tmp_path):

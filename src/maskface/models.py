@@ -99,8 +99,7 @@ INPUT = {"height": 112, "width": 96, "channel_order": "RGB",
 PIXEL_MEAN = 127.5
 PIXEL_STD = 128.0
 
-DEPTH_UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 8, 16, 3)}
-BASE_CHANNELS = (64, 128, 256, 512)
+from .train_config import BASE_CHANNELS, DEPTH_UNITS  # noqa: E402 - torch-free, shared with the estimates
 HEADS = ("softmax", "asoftmax", "cosface", "arcface")
 HEAD_DEFAULTS = {"asoftmax": {"margin": 4, "scale": 30.0}, "cosface": {"margin": 0.35, "scale": 30.0},
                  "arcface": {"margin": 0.5, "scale": 64.0}, "softmax": {"margin": None, "scale": None}}

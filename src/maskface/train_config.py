@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "min_images": 1,
     "device": "auto",
     "gpus": 1,
+    "max_cpu_hours": 1.0,
     "amp": "auto",
     "channels_last": True,
     "compile": False,
@@ -48,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 256,
 }
 # Keys that do not change the result (a checkpoint written under other values of these is resumed).
-NON_SEMANTIC = ("device", "gpus", "compile", "threads", "prefetch", "loader_threads", "checkpoint_every", "log_every",
+NON_SEMANTIC = ("device", "gpus", "max_cpu_hours", "compile", "threads", "prefetch", "loader_threads", "checkpoint_every", "log_every",
                 "keep_checkpoint", "eval_masked", "eval_batch_size", "name", "folds", "seeds", "datasets",
                 "lfw_dataset", "protocol")
 
@@ -76,3 +77,60 @@ def run_names(cfg: Mapping[str, Any]) -> dict[str, dict]:
         else:
             raise ValueError(f"train.protocol must be lfw_unrestricted or external, got {cfg['protocol']!r}")
     return out
+
+
+# --------------------------------------------------------------------------- CPU training time, estimated
+
+BASE_CHANNELS = (64, 128, 256, 512)
+DEPTH_UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 8, 16, 3)}
+# Per CPU core, on this project's 2-core x86 VM: SphereFace-20 (1.75 GMAC forward) trains at about 8 img/s on
+# 2 cores, i.e. a training step (forward + backward = 3x the forward) at ~21 GMAC/s per core; the fixed cost
+# per image (loader, head, optimizer) is fitted to SphereFace-4 at half width (0.045 GMAC), which trained at
+# 60-110 img/s on 1 core (results/logs/train of config/cpu-quick.yaml).
+CPU_GMAC_PER_S = 21.0
+CPU_OVERHEAD_S = 0.004
+
+
+def forward_gmacs(arch: Mapping[str, Any]) -> float:
+    """Multiply-accumulates (10^9) of one 112x96 image through a SphereFace network, forward."""
+    width = float(arch.get("width", 1.0))
+    units = arch.get("units") or DEPTH_UNITS[int(arch.get("depth", 20))]
+    chans = [max(8, int(round(c * width))) for c in BASE_CHANNELS]     # as models.SphereNet
+    sizes = [(56, 48), (28, 24), (14, 12), (7, 6)]
+    macs, cin = 0, 3
+    for c, (h, w), u in zip(chans, sizes, units):
+        macs += h * w * c * cin * 9 + int(u) * 2 * h * w * c * c * 9
+        cin = c
+    macs += chans[-1] * 7 * 6 * int(arch.get("feature_dim", 512))
+    return macs / 1e9
+
+
+def cpu_core_seconds_per_image(arch: Mapping[str, Any]) -> float:
+    """Estimated core-seconds to train on one image (one sample of one iteration) on a CPU."""
+    return 3 * forward_gmacs(arch) / CPU_GMAC_PER_S + CPU_OVERHEAD_S
+
+
+def cpu_training_estimate(cfg: Mapping[str, Any], runs: int, cores: int) -> dict:
+    """Estimated CPU training cost of ``runs`` runs of ``cfg``: core-hours, and wall hours on ``cores`` cores
+    (runs side by side, each on ``cfg["threads"]`` threads)."""
+    cfg = merged(cfg)
+    per_run = int(cfg["iterations"]) * int(cfg["batch_size"]) * cpu_core_seconds_per_image(cfg["arch"])
+    used = max(1, min(int(cores), int(cfg["threads"]) * int(cfg["gpus"]) * max(1, runs)))
+    return {"runs": runs, "core_hours": runs * per_run / 3600, "wall_hours": runs * per_run / 3600 / used,
+            "cores": used, "img_s_per_core": 1 / cpu_core_seconds_per_image(cfg["arch"])}
+
+
+def cpu_training_refusal(cfg: Mapping[str, Any], runs: int, cores: int) -> Optional[str]:
+    """The message that refuses a CPU training run estimated longer than ``train.max_cpu_hours``, or None."""
+    cfg = merged(cfg)
+    est = cpu_training_estimate(cfg, runs, cores)
+    if runs == 0 or est["wall_hours"] <= float(cfg["max_cpu_hours"]):
+        return None
+    arch = cfg["arch"]
+    return (f"train: {runs} SphereFace-{arch.get('depth', 20)} run(s) (width {arch.get('width', 1.0)}) of "
+            f"{int(cfg['iterations']):,} iterations x {int(cfg['batch_size'])} images would train on the CPU: about "
+            f"{est['core_hours']:,.1f} core-hours, {est['wall_hours']:,.1f} h on {est['cores']} core(s) (estimated at "
+            f"{est['img_s_per_core']:.1f} img/s per core), more than train.max_cpu_hours ({cfg['max_cpu_hours']}). "
+            f"Ways out: a CPU-sized run (--configfile config/cpu-quick.yaml); a GPU (train.device: cuda on a machine "
+            f"with one, or a cluster profile); stages without training (snakemake align mask); or accept the wait "
+            f"with a config file holding train: {{max_cpu_hours: {int(est['wall_hours']) + 1}}}.")

@@ -8,7 +8,8 @@
 # The targets join `all` only once the workflow has rules producing the aligned (and, when needed, masked) crops.
 import re
 
-from maskface.train_config import merged as _train_merged, run_names as _train_run_names  # torch-free
+from maskface.devices import gpu_device_count, gpu_reserved
+from maskface.train_config import cpu_training_refusal, merged as _train_merged, run_names as _train_run_names  # torch-free
 
 TRAIN = _train_merged(config.get("train", {}))
 TRAIN_RUNS = _train_run_names(TRAIN)
@@ -77,7 +78,30 @@ def _train_spec(wc):
     return plain(spec)
 
 
+def _trains_on_cpu():
+    """Whether the runs would train on this machine's CPU: device cpu, or auto with no GPU here and the jobs run
+    here (on a cluster the jobs go to nodes with GPUs)."""
+    if TRAIN["device"] != "auto":
+        return TRAIN["device"] == "cpu"
+    return workflow.local_exec and gpu_device_count() == 0 and gpu_reserved() is None
+
+
+_CPU_VERDICT = []
+
+
+def _refuse_long_cpu_training():
+    """Evaluated once the DAG holds a train job (its input function): the runs still to train, estimated on
+    this machine's cores; longer than train.max_cpu_hours on the CPU -> the run stops before any job."""
+    if not _CPU_VERDICT:
+        todo = [r for r in TRAIN_RUNS if not os.path.exists(f"{RESULTS}/models/{r}/model.pt")]
+        cores = getattr(workflow, "_cores", None) or os.cpu_count() or 1
+        _CPU_VERDICT.append(cpu_training_refusal(TRAIN, len(todo), cores) if _trains_on_cpu() else None)
+    if _CPU_VERDICT[0]:
+        raise WorkflowError(_CPU_VERDICT[0])
+
+
 def _train_inputs(wc):
+    _refuse_long_cpu_training()
     inp = {"manifests": [f"{RESULTS}/manifests/{d}/aligned.parquet" for d in _train_datasets()],
            "clean": [p for d in _train_datasets() for p in _train_cache(d, "clean")]}
     if TRAIN_MASKED_FOR_TRAINING:
