@@ -185,14 +185,17 @@ def test_a_killed_worker_fails_the_job_clearly_and_the_workflow_reruns_cleanly(r
     work, _ = runs[2]
     target = TARGETS[2]
     before = _table(work / target)
+    log_file = work / "results/logs/extract_features/dlib-resnet/tiny/clean.log"
+    log_file.unlink()                             # the log read below is this run's, not the fixture's
     t0 = time.monotonic()
-    res = _smk(work, "--forcerun", "extract_features", target, check=False, env={KILL_ENV: "1"})
+    # --forcerun takes every word after it as a rule or file, so the target goes first
+    res = _smk(work, target, "--forcerun", "extract_features", check=False, env={KILL_ENV: "1"})
     assert res.returncode != 0
     assert time.monotonic() - t0 < TIMEOUT
-    log = (work / "results/logs/extract_features/dlib-resnet/tiny/clean.log").read_text()
+    log = log_file.read_text()
     assert "WorkerError" in log and "killed by SIGKILL" in log, log[-3000:]
     assert not (work / target).exists()          # the failed job leaves no output behind
-    _smk(work, target)                           # no --unlock, no --rerun-incomplete needed
+    _smk(work, target)                           # the same command again, nothing cleaned by hand
     _assert_same_features(before, _table(work / target))
     again = _smk(work, *TARGETS)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -208,7 +211,7 @@ def test_after_a_sigkill_of_snakemake_unlock_then_the_same_command_finishes(runs
     log = work / "results/logs/extract_features/dlib-resnet/tiny/masked.log"
     log.unlink()
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", "2",
-           "--forcerun", "extract_features", target]
+           target, "--forcerun", "extract_features"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
