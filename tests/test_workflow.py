@@ -127,6 +127,41 @@ def test_real_lfw_dag_builds(lfw, tmp_path):
         assert res.returncode != 0 and "would train on the CPU" in res.stdout + res.stderr
 
 
+# the rules whose jobs resolve a stage's device (maskface.devices.resolve) and so may start CUDA
+GPU_RULES = {"align_shard", "align_fidelity", "extract_features", "demo_threshold", "demo_run", "train",
+             "train_fold_eval"}
+
+
+@pytest.mark.lfw
+def test_every_job_that_may_use_cuda_asks_for_a_gpu(lfw, tmp_path):
+    """With devices auto/cuda, each job that may start CUDA counts against `--resources gpu=N` (and asks the
+    cluster for one); no other job does. With device cpu, none does."""
+    quick = (REPO / "config/cpu-quick.yaml").read_text().replace("../shared/data/lfw", str(lfw))
+    (tmp_path / "config.yaml").write_text(quick)
+
+    def gpus_by_rule(*config: str) -> dict:
+        res = smk(tmp_path, "-n", "all", "demo", "--config", *config)
+        rules: dict = {}
+        rule = None
+        for line in (res.stdout + res.stderr).splitlines():
+            if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+                rule = line.split()[1].rstrip(":")
+                rules.setdefault(rule, set())
+            elif rule and line.strip().startswith("resources:"):
+                gpu = [int(p.split("=")[1]) for p in line.split(":", 1)[1].split(", ") if p.startswith("gpu=")]
+                rules[rule].add(gpu[0] if gpu else 0)
+                rule = None
+        return rules
+
+    auto = gpus_by_rule('train={"device": "cuda"}', 'align={"device": "auto"}', 'evaluate={"device": "auto"}',
+                        'demo={"device": "auto"}')
+    assert GPU_RULES <= set(auto), set(auto)
+    assert {r for r, g in auto.items() if g != {0}} == GPU_RULES, auto
+    cpu = gpus_by_rule('train={"device": "cpu"}', 'align={"device": "cpu"}', 'evaluate={"device": "cpu"}',
+                       'demo={"device": "cpu"}')
+    assert all(g == {0} for g in cpu.values()), cpu
+
+
 def test_download_rule_fetches_url_archive_with_checksums(tmp_path):
     """The download rule on an http URL (127.0.0.1): archive verified, extracted under resources/, manifested."""
     import functools
@@ -174,8 +209,11 @@ def test_lint_reports_only_what_the_readme_explains():
     res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(REPO), "--lint",
                           "--configfile", str(REPO / "config/cpu-quick.yaml")], capture_output=True, text=True,
                          timeout=300, cwd=REPO)
-    kinds = {line.strip()[2:].split(":")[0].split(" in line")[0] for line in (res.stdout + res.stderr).splitlines()
+    out = res.stdout + res.stderr
+    assert res.returncode in (0, 1) and "Lints for snakefile" in out, out[-3000:]     # it linted (1: lints found)
+    kinds = {line.strip()[2:].split(":")[0].split(" in line")[0] for line in out.splitlines()
              if line.startswith("    * ")}
+    assert kinds, out[-3000:]
     explained = {"Environment variable PYTHONPATH used but not asserted with envvars directive",
                  "Mixed rules and functions in same snakefile."}
     unexplained = {k for k in kinds if k not in explained and not k.startswith('Absolute path "/')}

@@ -36,8 +36,7 @@ rule align_shard:
         f"{BENCH}/align/{{dataset}}/shard-{{shard}}.tsv"
     threads: config["align"]["threads"]
     resources:
-        **part(gpu=bool(uses_gpu(config["align"]["device"]))),
-        gpu=uses_gpu(config["align"]["device"]),
+        **gpu_resources(config["align"]["device"]),
         mem_mb=lambda wc, threads: 1500 + 1000 * threads,
         runtime=120,
     script:
@@ -88,7 +87,7 @@ rule align_fidelity:
         f"{BENCH}/align/{{dataset}}/fidelity.tsv"
     threads: 1
     resources:
-        **part(),
+        **gpu_resources(config["align"]["device"]),     # re-detects a sample with the stage's detector
         mem_mb=2048,
         runtime=30,
     script:

@@ -73,3 +73,11 @@ def uses_gpu(device):
     """1 when a stage's `device` may use CUDA (auto or cuda): on a cluster such jobs request one GPU; set the
     stage's device to cpu on a cluster without GPUs."""
     return 0 if device == "cpu" else 1
+
+
+def gpu_resources(device, gpus=1):
+    """The GPU part of a rule's resources for a stage's `device` setting: `gpus` GPUs (none for cpu) and the
+    partition that goes with it. Every rule whose job may start CUDA uses it, so that `--resources gpu=N` on a
+    workstation and the GPU request on a cluster count every such job."""
+    n = gpus * uses_gpu(device)
+    return {**part(gpu=n > 0), "gpu": n}

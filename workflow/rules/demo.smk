@@ -97,7 +97,7 @@ rule demo_threshold:
         f"{BENCH}/demo/threshold.tsv"
     threads: DEMO["threads"]
     resources:
-        **part(),
+        **gpu_resources(DEMO["device"]),
         mem_mb=4096,
         runtime=60,
     script:
@@ -145,7 +145,7 @@ rule demo_run:
         f"{BENCH}/demo/run.tsv"
     threads: DEMO["threads"]
     resources:
-        **part(),
+        **gpu_resources(DEMO["device"]),
         mem_mb=4096,
         runtime=120,
     script:

@@ -89,8 +89,7 @@ rule extract_features:
         f"{BENCH}/extract_features/{{model}}/{{dataset}}/{{variant}}.tsv"
     threads: EVAL.get("threads", 2)
     resources:
-        **part(gpu=bool(uses_gpu(EVAL.get("device", "auto")))),
-        gpu=uses_gpu(EVAL.get("device", "auto")),
+        **gpu_resources(EVAL.get("device", "auto")),
         mem_mb=8192,
         runtime=240,
     script:

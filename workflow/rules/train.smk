@@ -132,10 +132,9 @@ rule train:
     # a run's GPUs on one node (a DDP run is --standalone)
     threads: TRAIN["threads"] * TRAIN["gpus"]
     resources:
-        **part(gpu=TRAIN["device"] != "cpu"),
+        **gpu_resources(TRAIN["device"], TRAIN["gpus"]),
         mem_mb=16384 + 8192 * (TRAIN["gpus"] - 1),
         runtime=24 * 60,
-        gpu=TRAIN["gpus"] if TRAIN["device"] != "cpu" else 0,
         nodes=1,
     script:
         "../scripts/train.py"
@@ -165,10 +164,9 @@ rule train_fold_eval:
         f"{LOGS}/train_fold_eval/{{run}}.log",
     threads: TRAIN["threads"]
     resources:
-        **part(gpu=TRAIN["device"] != "cpu"),
+        **gpu_resources(TRAIN["device"]),
         mem_mb=8192,
         runtime=120,
-        gpu=1 if TRAIN["device"] != "cpu" else 0,
     script:
         "../scripts/train_eval.py"
 
