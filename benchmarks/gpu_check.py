@@ -78,6 +78,9 @@ def cuda_tests() -> dict:
     res = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     lines = [x for x in res.stdout.strip().splitlines() if x.strip()]
+    if res.returncode not in (0, 5):            # 5: no test carries the marker (nothing collected)
+        raise RuntimeError(f"pytest -m cuda exited with {res.returncode}: {lines[-1] if lines else ''}\n"
+                           f"{res.stdout[-1500:]}{res.stderr[-500:]}")
     return {"exit_code": res.returncode, "summary": lines[-1] if lines else "", "tail": res.stdout[-1500:]}
 
 
@@ -256,6 +259,14 @@ def main(argv=None) -> int:
     ap.add_argument("--lfw", default=os.environ.get("MASKFACE_LFW", str(REPO.parent / "shared" / "data" / "lfw")))
     ap.add_argument("--n-align", type=int, default=None, help="LFW images to align (default 2000; --dry 12)")
     a = ap.parse_args(argv)
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        # the check has the whole machine: every GPU stays visible (a stage's own claim of one GPU would leave
+        # the 2-rank step below a single device)
+        from maskface.devices import gpu_device_count
+
+        n = gpu_device_count()
+        if n:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(k) for k in range(n))
     if not a.dry and not torch.cuda.is_available():
         print("gpu_check: torch sees no CUDA device; use --dry for the CPU dry mode", file=sys.stderr)
         return 2

@@ -12,8 +12,10 @@ from maskface.devices import RESERVING_VARIABLES, DeviceError, describe, gpu_res
 @pytest.fixture()
 def no_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in RESERVING_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(devices, "gpu_device_count", lambda: 0)    # whatever this machine has
+    for name in RESERVING_VARIABLES + ("LOCAL_RANK",):
+        monkeypatch.setenv(name, "")      # so that undoing restores the variable as it was, even when a claim set it
+        monkeypatch.delenv(name)
 
 
 def test_auto_is_the_cpu_when_no_gpu_was_given(no_cuda, monkeypatch):
@@ -94,3 +96,35 @@ def test_jobs_on_a_workstation_claim_different_gpus(tmp_path):
     e = start()
     assert e.stdout.readline().strip() == "None"
     e.communicate(timeout=60)
+
+
+def test_own_claim_is_not_a_gpu_given_by_a_scheduler(no_cuda, monkeypatch, tmp_path):
+    """A workstation with two GPUs and a torch that cannot use them: the job's own claim sets
+    CUDA_VISIBLE_DEVICES, which must not turn auto into "this job was given a GPU"."""
+    monkeypatch.setattr(devices, "gpu_device_count", lambda: 2)
+    monkeypatch.setenv("MASKFACE_GPU_LOCKS", str(tmp_path))
+    monkeypatch.setattr(devices, "_CLAIMED", [])
+    monkeypatch.setattr(devices, "_CLAIMED_IDS", [])
+    try:
+        assert resolve("auto", "demo.device") == "cpu"
+        assert devices._CLAIMED_IDS and gpu_reserved() is None
+    finally:
+        for fh in devices._CLAIMED:
+            fh.close()
+
+
+def test_ranks_of_a_multi_gpu_run_do_not_claim(no_cuda, monkeypatch, tmp_path):
+    """torchrun's ranks (LOCAL_RANK set) share the GPUs their parent job claimed or the whole machine."""
+    monkeypatch.setattr(devices, "gpu_device_count", lambda: 2)
+    monkeypatch.setenv("MASKFACE_GPU_LOCKS", str(tmp_path))
+    monkeypatch.setattr(devices, "_CLAIMED", [])
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert devices.claim_gpus(1) is None
+    assert "CUDA_VISIBLE_DEVICES" not in __import__("os").environ
+
+
+def test_lock_folder_is_per_user(monkeypatch):
+    import os
+
+    monkeypatch.delenv("MASKFACE_GPU_LOCKS", raising=False)
+    assert devices.lock_folder().endswith(f"maskface-gpu-locks-{os.getuid()}")

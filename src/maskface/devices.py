@@ -11,6 +11,9 @@ so every job would land on GPU 0. Where neither SLURM nor the user has set ``CUD
 that may use CUDA claims free GPUs itself (:func:`claim_gpus`): an exclusive lock on one file per GPU in
 ``$MASKFACE_GPU_LOCKS`` (default: ``maskface-gpu-locks`` in the system's temporary folder), held until the
 process ends (a crash releases it), and ``CUDA_VISIBLE_DEVICES`` set to the claimed ones before CUDA starts.
+The processes of a multi-GPU run (torchrun's ranks, ``LOCAL_RANK`` set) never claim: their parent job claimed
+the run's GPUs, or the run has the whole machine. The lock folder is per user (locks of other users' jobs
+cannot be opened, and their jobs are a scheduler's business).
 Run with ``--resources gpu=N`` (N = the machine's GPUs) so that Snakemake never starts more GPU jobs than there
 are GPUs; a job that finds every GPU claimed stops with that advice.
 """
@@ -29,17 +32,28 @@ class DeviceError(RuntimeError):
     """The configured device cannot be used."""
 
 
+_CLAIMED: list = []    # open lock files: held for the life of the process
+_CLAIMED_IDS: list = []  # the CUDA_VISIBLE_DEVICES value this process set by claiming
+
+
 def gpu_reserved() -> Optional[str]:
-    """``NAME=value`` of the variable that says this job was given a GPU, or None."""
+    """``NAME=value`` of the variable that says this job was given a GPU (by a scheduler or the user, not by
+    this process's own claim), or None."""
     for name in RESERVING_VARIABLES:
         value = os.environ.get(name, "").strip()
         if not value or value in ("-1", "NoDevFiles") or (name == "SLURM_GPUS_ON_NODE" and value == "0"):
+            continue
+        if name == "CUDA_VISIBLE_DEVICES" and value in _CLAIMED_IDS:
             continue
         return f"{name}={value}"
     return None
 
 
-_CLAIMED: list = []    # open lock files: held for the life of the process
+def lock_folder() -> str:
+    """Where the GPU claims of this user's jobs are: ``$MASKFACE_GPU_LOCKS``, else a per-user folder in the
+    system's temporary folder."""
+    return os.environ.get("MASKFACE_GPU_LOCKS") or os.path.join(tempfile.gettempdir(),
+                                                                f"maskface-gpu-locks-{os.getuid()}")
 
 
 def gpu_device_count() -> int:
@@ -50,24 +64,27 @@ def gpu_device_count() -> int:
 
 def claim_gpus(n: int = 1) -> Optional[str]:
     """Claim ``n`` free GPUs of this machine for this process and its children (``CUDA_VISIBLE_DEVICES``), unless
-    the scheduler or the user has already chosen (:func:`gpu_reserved`, or the variable set at all), or the
-    machine has at most ``n`` GPUs (nothing to choose). Returns the claimed ids ("1" or "0,2"), or None."""
+    the scheduler or the user has already chosen (:func:`gpu_reserved`, or the variable set at all), this is a
+    rank of a multi-GPU run (``LOCAL_RANK``: its parent claimed), or the machine has at most ``n`` GPUs (nothing
+    to choose). Returns the claimed ids ("1" or "0,2"), or None."""
     import fcntl
 
-    if _CLAIMED or "CUDA_VISIBLE_DEVICES" in os.environ or gpu_reserved():
+    if _CLAIMED or "CUDA_VISIBLE_DEVICES" in os.environ or "LOCAL_RANK" in os.environ or gpu_reserved():
         return None
     total = gpu_device_count()
     if total <= n:
         return None
-    folder = os.environ.get("MASKFACE_GPU_LOCKS") or os.path.join(tempfile.gettempdir(), "maskface-gpu-locks")
+    folder = lock_folder()
     os.makedirs(folder, exist_ok=True)
     got = []
     for k in range(total):
-        fh = open(os.path.join(folder, f"gpu-{k}.lock"), "a+")
+        fh = None
         try:
+            fh = open(os.path.join(folder, f"gpu-{k}.lock"), "a+")
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
+        except OSError:      # claimed by another job (or a lock file this user cannot open)
+            if fh is not None:
+                fh.close()
             continue
         got.append((k, fh))
         if len(got) == n:
@@ -80,6 +97,7 @@ def claim_gpus(n: int = 1) -> Optional[str]:
                           f"never starts more GPU jobs than there are GPUs")
     _CLAIMED.extend(fh for _, fh in got)
     ids = ",".join(str(k) for k, _ in got)
+    _CLAIMED_IDS.append(ids)
     os.environ["CUDA_VISIBLE_DEVICES"] = ids
     return ids
 
