@@ -437,7 +437,6 @@ def test_schema_defaults_mirror_train_defaults():
         assert set(cfg["train"]) <= set(DEFAULTS), name
 
 
-@pytest.mark.slow
 def _dry_run_training(tmp_path: Path, train: dict, cores: int = 1, ok: bool = True) -> str:
     """`snakemake -n train_all` with the upstream stages' outputs present (it plans the training stage only)."""
     cfg = {"datasets": {"lfw": {"source": str(tmp_path), "format": "lfw", "pairs": str(tmp_path / "pairs.txt")}},
@@ -506,6 +505,7 @@ def test_cpu_estimate_matches_the_networks():
         assert abs(forward_gmacs({"depth": depth, "width": width}) - macs / 1e9) / (macs / 1e9) < 0.02, (depth, macs)
 
 
+@pytest.mark.slow
 def test_dry_run_builds_the_training_dag(tmp_path):
     out = _dry_run_training(tmp_path, {"folds": [1, 2], "seeds": [1, 2], "mask_fraction": 0.5, "name": "t",
                                        "max_cpu_hours": 10 ** 6})     # SphereFace-20 on this CPU: accepted

@@ -99,7 +99,21 @@ def _describe(code: Optional[int]) -> str:
             name = f"signal {-code}"
         hint = " (the kernel's out-of-memory killer sends it, among others)" if name == "SIGKILL" else ""
         return f"killed by {name}{hint}"
+    if code == 0:      # concurrent.futures' worker returns when its initializer raised
+        return "ended during its start (its set-up raised)"
     return f"exited with code {code}"
+
+
+def _broken(what: str, procs: dict, exc: BaseException) -> WorkerError:
+    """The job's error for a broken pool: how the workers ended. When one dies, the executor stops the others
+    with SIGTERM; those are left out unless nothing else is known."""
+    for p in procs.values():
+        p.join(timeout=5)
+    codes = [p.exitcode for p in procs.values() if p.exitcode is not None]
+    first = [c for c in codes if c != -signal.SIGTERM] or codes
+    why = "; ".join(sorted({_describe(c) for c in first})) or "ended"
+    return WorkerError(f"{what}: a worker process died or could not start ({why}); the job stops. "
+                       f"A worker's own error, if it printed one, is above in this log.")
 
 
 def imap(fn: Callable[[Any], Any], tasks: Iterable[Any], workers: int, *,
@@ -118,21 +132,17 @@ def imap(fn: Callable[[Any], Any], tasks: Iterable[Any], workers: int, *,
                              initargs=(initializer, tuple(initargs)))
     procs: dict = {}
     try:
-        with _main_not_rerun():   # the executor starts its processes as tasks are submitted
-            futures = [ex.submit(_call, fn, i, t) for i, t in enumerate(tasks)]
-            procs = dict(getattr(ex, "_processes", None) or {})
-        for fut in futures:
-            try:
-                result = fut.result()
-            except BrokenProcessPool as exc:
-                for p in procs.values():
-                    p.join(timeout=5)
-                codes = sorted({_describe(p.exitcode) for p in procs.values() if p.exitcode not in (None,)} or
-                               {"ended"})
-                raise WorkerError(
-                    f"{what}: a worker process died or could not start ({'; '.join(codes)}); the job stops. "
-                    f"A worker's own error, if it printed one, is above in this log.") from exc
-            yield result
+        try:
+            with _main_not_rerun():   # the executor starts its processes as tasks are submitted
+                futures = []
+                for i, t in enumerate(tasks):
+                    futures.append(ex.submit(_call, fn, i, t))
+                    procs.update(getattr(ex, "_processes", None) or {})
+            for fut in futures:
+                yield fut.result()
+        except BrokenProcessPool as exc:
+            procs.update(getattr(ex, "_processes", None) or {})
+            raise _broken(what, procs, exc) from exc
     except BaseException:
         for p in procs.values():      # do not wait for running tasks of a failed job
             if p.is_alive():
