@@ -24,7 +24,8 @@ configfile: "config.yaml"
 from maskface.configcheck import ConfigError, check_config
 
 try:
-    check_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
+    check_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"),
+                 paths=workflow.is_main_process)
 except ConfigError as _err:
     raise WorkflowError(str(_err)) from None
 # ... then fills in every default of the schema.

@@ -68,6 +68,21 @@ def test_missing_local_path(good):
         f"directory, {os.getcwd()})"]
     good["datasets"]["mine"]["source"] = "https://example.org/faces.tgz"     # a URL is not a local path
     assert len(config_errors(good, SCHEMA)) == 1
+    assert config_errors(good, SCHEMA, paths=False) == []        # a job parsing the workflow again on a node
+
+
+def test_a_url_that_cannot_be_fetched(good):
+    good["datasets"]["mine"]["source"] = "ftp://example.org/faces.tgz"
+    assert config_errors(good, SCHEMA) == [
+        "datasets.mine.source: ftp://example.org/faces.tgz: only http:// and https:// URLs are fetched; or a local path"]
+
+
+def test_an_archive_removed_after_its_extraction(good, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good["datasets"]["mine"]["source"] = "gone/faces.tgz"
+    assert len(config_errors(good, SCHEMA)) == 1
+    (tmp_path / "resources/datasets/mine").mkdir(parents=True)       # what the download rule extracted
+    assert config_errors(good, SCHEMA) == []
 
 
 def test_several_mistakes_one_line_each(good):

@@ -91,11 +91,9 @@ def _explain(err, root: Mapping[str, Any]) -> Iterator[str]:
         yield f"{key}: {msg}"
 
 
-def _is_url(source: str) -> bool:
-    return source.split("://", 1)[0].lower() in ("http", "https", "ftp")
-
-
 def _local_paths(config: Mapping[str, Any]) -> Iterator[str]:
+    from .download import is_archive, is_url
+
     cwd = Path(os.getcwd())
     for name, ds in (config.get("datasets") or {}).items():
         if not isinstance(ds, Mapping):
@@ -104,29 +102,38 @@ def _local_paths(config: Mapping[str, Any]) -> Iterator[str]:
         for key, src in (("source", ds.get("source")),
                          ("pairs", pairs if isinstance(pairs, str) else None),
                          ("pairs.source", pairs.get("source") if isinstance(pairs, Mapping) else None)):
-            if isinstance(src, str) and src and not _is_url(src) and not Path(src).expanduser().exists():
+            if not isinstance(src, str) or not src or is_url(src):
+                continue
+            if "://" in src:
+                yield f"datasets.{name}.{key}: {src}: only http:// and https:// URLs are fetched; or a local path"
+            elif not Path(src).expanduser().exists():
+                if key == "source" and is_archive(src) and (cwd / "resources" / "datasets" / name).is_dir():
+                    continue      # an archive removed after its extraction: the extracted copy is used
                 yield (f"datasets.{name}.{key}: {src} does not exist (relative paths are relative to the "
                        f"working directory, {cwd})")
 
 
-def config_errors(config: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
-    """Every mistake of ``config`` against ``schema``, one line each (empty: valid)."""
+def config_errors(config: Mapping[str, Any], schema: Mapping[str, Any], paths: bool = True) -> list[str]:
+    """Every mistake of ``config`` against ``schema``, one line each (empty: valid); with ``paths``, also local
+    dataset paths that do not exist."""
     import jsonschema
 
     cls = jsonschema.validators.validator_for(schema)
     errors = sorted(cls(schema).iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     lines = [line for err in errors for line in _explain(err, schema)]
-    if not lines:
+    if not lines and paths:
         lines = list(_local_paths(config))
     return list(dict.fromkeys(lines))
 
 
-def check_config(config: Mapping[str, Any], schema_path: str | os.PathLike) -> None:
-    """Raise :class:`ConfigError` listing every mistake of ``config``; return quietly when it is valid."""
+def check_config(config: Mapping[str, Any], schema_path: str | os.PathLike, paths: bool = True) -> None:
+    """Raise :class:`ConfigError` listing every mistake of ``config``; return quietly when it is valid.
+    ``paths``: check that local dataset paths exist (in the main Snakemake process; a job that parses the
+    workflow again on a cluster node has no say on them)."""
     import yaml
 
     with open(schema_path) as fh:
         schema = yaml.safe_load(fh)
-    lines = config_errors(config, schema)
+    lines = config_errors(config, schema, paths)
     if lines:
         raise ConfigError(lines)
