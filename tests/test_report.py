@@ -48,3 +48,10 @@ def test_empty_tables_and_their_headings_are_left_out(tmp_path):
                       stage_summaries=[("Masks: x", str(tmp_path / "a.json"), False)])
     page = (tmp_path / "t.html").read_text()
     assert "<table>" not in page and "Masks: x" not in page and "Stages" not in page and "Evaluation" not in page
+
+
+def test_a_column_empty_in_every_row_is_left_out():
+    html = markdown_to_html("| model | run | acc |\n|---|---|---:|\n| a |  | 99.1 |\n| b |  | 98.4 |\n")
+    assert "<th>run</th>" not in html and "<th>acc</th>" in html
+    assert '<td class="num">99.1</td>' in html                 # the alignment stays with its column
+    assert "<th>run</th>" in markdown_to_html("| model | run |\n|---|---|\n| a | r1 |\n| b |  |\n")

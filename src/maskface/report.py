@@ -67,6 +67,9 @@ def markdown_to_html(md: str) -> str:
                 i += 1
             if not rows:      # a table with no rows is left out
                 continue
+            keep = [k for k in range(len(head)) if any(k < len(r) and r[k] for r in rows)]   # no empty columns
+            head, align = [head[k] for k in keep], [align[k] if k < len(align) else "" for k in keep]
+            rows = [[r[k] if k < len(r) else "" for k in keep] for r in rows]
             t = ["<table>", "<tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"]
             for r in rows:
                 t.append("<tr>" + "".join(
