@@ -146,12 +146,14 @@ def center_box(height: int, width: int, frac_w: float = 0.37, frac_h: float = 0.
     return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
 
 
-@register_embedder
-class DlibResnetEmbedder(Embedder):
-    name = "dlib-resnet"
+class DlibChipEmbedder(Embedder):
+    """Embedders of dlib's face chips: dlib's 5-point landmarks inside the (converted) MTCNN box, then
+    ``get_face_chip(img, shape, 150, 0.25)``, as dlib's face recognition example does. Chips are cut for a
+    batch of faces, the network sees the batch; with ``flip`` the mirrored chips are a second batch and the
+    descriptor is the mean of the two. Subclasses give the network (:meth:`describe_chips_raw`)."""
     input_kind = "source"
 
-    def __init__(self, num_jitters: int = 0, chip_size: int = 150, padding: float = 0.25,
+    def __init__(self, chip_size: int = 150, padding: float = 0.25,
                  box_mapping: Optional[Sequence[float]] = MTCNN_TO_DLIB, batch_size: int = 64,
                  flip: bool = False, eval_settings: Optional[Mapping[str, Any]] = None):
         import dlib
@@ -160,8 +162,6 @@ class DlibResnetEmbedder(Embedder):
 
         self._dlib = dlib
         self.predictor = dlib.shape_predictor(str(dlib_model_path("shape_predictor_5")))
-        self.model = dlib.face_recognition_model_v1(str(dlib_model_path("face_recognition_resnet")))
-        self.num_jitters = int(num_jitters)
         self.chip_size = int(chip_size)
         self.padding = float(padding)
         self.box_mapping = tuple(box_mapping) if box_mapping is not None else None
@@ -180,40 +180,130 @@ class DlibResnetEmbedder(Embedder):
         return self._dlib.rectangle(x1, y1, x2, y2)
 
     def chip(self, face: FaceInput) -> np.ndarray:
-        """dlib's aligned 150x150 chip of the face (its own 5-point alignment inside the rectangle)."""
+        """dlib's aligned chip of the face (its own 5-point alignment inside the rectangle), 150x150 RGB."""
         img = np.ascontiguousarray(face.image, dtype=np.uint8)
         shape = self.predictor(img, self.rectangle(face))
-        return self._dlib.get_face_chip(img, shape, size=self.chip_size, padding=self.padding)
+        chip = self._dlib.get_face_chip(img, shape, size=self.chip_size, padding=self.padding)
+        if self.chip_size != 150:  # the network wants 150x150 chips
+            import cv2
+
+            chip = cv2.resize(chip, (150, 150), interpolation=cv2.INTER_LINEAR)
+        return chip
+
+    def chips(self, faces: Sequence[FaceInput]) -> np.ndarray:
+        """(N, 150, 150, 3) uint8 chips of a batch of faces."""
+        return np.stack([self.chip(f) for f in faces]) if len(faces) else np.zeros((0, 150, 150, 3), np.uint8)
 
     def embed(self, faces: Sequence[FaceInput]) -> np.ndarray:
         out = np.zeros((len(faces), self.dim), dtype=np.float32)
         for s in range(0, len(faces), self.batch_size):
-            chips = [self.chip(f) for f in faces[s:s + self.batch_size]]
-            if self.chip_size != 150:  # the network wants 150x150 chips
-                import cv2
-
-                chips = [cv2.resize(c, (150, 150), interpolation=cv2.INTER_LINEAR) for c in chips]
+            chips = self.chips(faces[s:s + self.batch_size])
             out[s:s + len(chips)] = self.describe_chips(chips)
         return out
 
-    def describe_chips(self, chips: Sequence[np.ndarray]) -> np.ndarray:
+    def describe_chips(self, chips: np.ndarray) -> np.ndarray:
         """Descriptors of 150x150 chips; with ``flip`` the mean of the chip's and its mirror image's."""
         desc = self.describe_chips_raw(chips)
         if self.flip:
-            mirrored = [np.ascontiguousarray(c[:, ::-1]) for c in chips]
-            desc = (desc + self.describe_chips_raw(mirrored)) / 2.0
+            desc = (desc + self.describe_chips_raw(np.ascontiguousarray(np.asarray(chips)[:, :, ::-1]))) / 2.0
         return desc
 
-    def describe_chips_raw(self, chips: Sequence[np.ndarray]) -> np.ndarray:
+    @abstractmethod
+    def describe_chips_raw(self, chips: np.ndarray) -> np.ndarray:
+        """(N, 128) float32 descriptors of (N, 150, 150, 3) uint8 chips."""
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(flip=self.flip, chip_size=self.chip_size, padding=self.padding,
+                 box_mapping=list(self.box_mapping) if self.box_mapping else None,
+                 predictor="shape_predictor_5_face_landmarks.dat")
+        return d
+
+
+@register_embedder
+class DlibLibraryEmbedder(DlibChipEmbedder):
+    """dlib's face recognition network run by dlib itself (``face_recognition_model_v1``): one chip at a time
+    on the CPU, with dlib's optional jitter. The reference the torch module (``dlib-resnet``) is checked
+    against; selectable as ``embedder: dlib``."""
+    name = "dlib"
+
+    def __init__(self, num_jitters: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        from .resources import dlib_model_path
+
+        self.model = self._dlib.face_recognition_model_v1(str(dlib_model_path("face_recognition_resnet")))
+        self.num_jitters = int(num_jitters)
+
+    def describe_chips_raw(self, chips: np.ndarray) -> np.ndarray:
+        if not len(chips):
+            return np.zeros((0, self.dim), np.float32)
         return np.asarray([np.asarray(d) for d in self.model.compute_face_descriptor(list(chips), self.num_jitters)],
                           dtype=np.float32)
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(num_jitters=self.num_jitters, flip=self.flip, chip_size=self.chip_size, padding=self.padding,
-                 box_mapping=list(self.box_mapping) if self.box_mapping else None,
-                 model="dlib_face_recognition_resnet_model_v1.dat", predictor="shape_predictor_5_face_landmarks.dat")
+        d.update(num_jitters=self.num_jitters, backend="dlib", model="dlib_face_recognition_resnet_model_v1.dat")
         return d
+
+
+@register_embedder
+class DlibResnetEmbedder(DlibChipEmbedder):
+    """dlib's face recognition ResNet as a torch module (:mod:`maskface.dlibnet`), its weights read from
+    dlib's own model file, or from a ``maskface-embedder/1`` checkpoint of it (``checkpoint``; see
+    :func:`save_dlib_resnet_checkpoint`). Batched, on the CPU or a GPU; the same chips as ``dlib``."""
+    name = "dlib-resnet"
+
+    def __init__(self, device: str = "auto", checkpoint: Optional[str | os.PathLike] = None,
+                 model_file: Optional[str | os.PathLike] = None, **kwargs):
+        super().__init__(**kwargs)
+        import torch
+
+        from .dlibnet import DlibResnet
+
+        self.device = resolve_device(device)
+        self.checkpoint = str(checkpoint) if checkpoint else None
+        if self.checkpoint:
+            self.net, meta = load_checkpoint(self.checkpoint, self.device)
+            inp = meta["input"]
+            if (int(inp["height"]), int(inp["width"]), inp["channel_order"]) != (150, 150, "RGB"):
+                raise ValueError(f"{self.checkpoint}: not a 150x150 RGB chip network (input {inp})")
+            self.mean = torch.tensor(inp["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+            self.std = torch.tensor(inp["std"], dtype=torch.float32).view(1, 3, 1, 1)
+            self.source = self.checkpoint
+        else:
+            self.net = DlibResnet.from_dlib_file(model_file).to(self.device).eval()
+            self.mean = self.net.input_mean.detach().cpu().view(1, 3, 1, 1)
+            self.std = torch.full((1, 3, 1, 1), 256.0)
+            self.source = str(model_file) if model_file else "dlib_face_recognition_resnet_model_v1.dat"
+
+    def describe_chips_raw(self, chips: np.ndarray) -> np.ndarray:
+        import torch
+
+        if not len(chips):
+            return np.zeros((0, self.dim), np.float32)
+        with torch.inference_mode():
+            x = torch.as_tensor(np.ascontiguousarray(chips)).permute(0, 3, 1, 2).to(torch.float32)
+            x = ((x - self.mean) / self.std).to(self.device)     # dlib/dnn/input.h: (pixel - avg) / 256, RGB
+            return self.net(x).float().cpu().numpy()
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(backend="torch", device=self.device, model=self.source)
+        return d
+
+
+def save_dlib_resnet_checkpoint(path: str | os.PathLike, model_file: Optional[str | os.PathLike] = None) -> None:
+    """dlib's network as a ``maskface-embedder/1`` checkpoint, like the SphereFace models' (a starting point
+    for training): the input is dlib's 150x150 RGB chip, normalised as dlib's input layer does."""
+    from .dlibnet import DlibResnet
+
+    net = DlibResnet.from_dlib_file(model_file)
+    save_checkpoint(path, net, arch="maskface.dlibnet:DlibResnet", feature_dim=128,
+                    input={"kind": "source_chip", "height": 150, "width": 150, "channel_order": "RGB",
+                           "mean": [float(v) for v in net.input_mean], "std": [256.0] * 3,
+                           "chip": {"landmarks": "dlib shape_predictor_5", "size": 150, "padding": 0.25}},
+                    template="dlib_chip_150_padding_0.25", eval={"mean_subtraction": False, "metric": "euclidean"},
+                    meta={"source": str(model_file or "dlib_face_recognition_resnet_model_v1.dat")})
 
 
 # --------------------------------------------------------------------------- masked faces in the source frame

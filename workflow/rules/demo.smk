@@ -30,7 +30,7 @@ def _demo_model():
 
 
 def _demo_code():
-    mods = ["demo", "testvideo", "align", "features", "imageio"]
+    mods = ["demo", "testvideo", "align", "features", "dlibnet", "imageio"]
     if os.path.exists(os.path.join(workflow.basedir, "src", "maskface", "mask")):
         mods.append("mask")
     return code(*mods)
@@ -114,7 +114,7 @@ def _demo_inputs(wc):
     if DEMO["threshold"] is None:
         inp["threshold"] = f"{DEMO_DIR}/threshold.json"
     mcfg = _demo_model()
-    if mcfg["embedder"] == "sphereface":
+    if mcfg.get("checkpoint"):
         inp["checkpoint"] = mcfg["checkpoint"]
     return inp
 

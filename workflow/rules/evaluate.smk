@@ -50,8 +50,11 @@ def _extract_inputs(wc):
         inp["shards"] = (_aligned_shards(wc.dataset) if wc.variant == "clean" else
                          [f"{RESULTS}/masked/{wc.dataset}/shard-{s}.parquet" for s in range(config["align"]["shards"])])
         inp["checkpoint"] = mcfg["checkpoint"]
-    elif wc.variant == "masked":
-        inp["masked"] = f"{RESULTS}/manifests/{wc.dataset}/masked.parquet"
+    else:
+        if mcfg.get("checkpoint"):      # dlib-resnet from a checkpoint of the network (e.g. fine-tuned)
+            inp["checkpoint"] = mcfg["checkpoint"]
+        if wc.variant == "masked":
+            inp["masked"] = f"{RESULTS}/manifests/{wc.dataset}/masked.parquet"
     return inp
 
 
@@ -62,7 +65,7 @@ def _redraws_mask(wc):
 
 
 def _features_code(wc):
-    return code("features", "evaluate", "imageio", *(["mask"] if _redraws_mask(wc) else []))
+    return code("features", "dlibnet", "evaluate", "imageio", *(["mask"] if _redraws_mask(wc) else []))
 
 
 def _features_mask_cfg(wc):

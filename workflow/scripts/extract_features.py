@@ -1,6 +1,6 @@
 """Rule extract_features: one model's features of one dataset's images (one variant) -> features Parquet.
 
-dlib-resnet reads the source images with the stage-1 MTCNN box of each (rows without a detection get the
+dlib-resnet and dlib read the source images with the stage-1 MTCNN box of each (rows without a detection get the
 centred fallback box); its masked variant is the source photo with the mask stage's mask redrawn in it
 (maskface.features.masked_source_loader). sphereface reads the stage-1 aligned crops (clean) or the mask
 stage's crops (masked) from the shard files, as they are.
@@ -37,8 +37,10 @@ with logged(snakemake) as log:
                         ALIGNED_STATUSES, sorted(lacking)[:3])
     usable = usable.sort_values("image_id")
     kwargs = dict(mcfg.get("options") or {})
-    if mcfg["embedder"] == "sphereface":
-        kwargs.update(checkpoint=mcfg["checkpoint"], device=snakemake.params.device)
+    if mcfg["embedder"] in ("sphereface", "dlib-resnet"):
+        kwargs["device"] = snakemake.params.device
+    if mcfg.get("checkpoint"):
+        kwargs["checkpoint"] = mcfg["checkpoint"]
     if mcfg.get("eval"):
         kwargs["eval_settings"] = mcfg["eval"]
     emb = make_embedder(mcfg["embedder"], **kwargs)
@@ -77,9 +79,11 @@ with logged(snakemake) as log:
         if lacking:  # e.g. faces the mask stage skipped: no feature, the protocol counts their pairs as errors
             log.warning("%d of %d images have no %s crop; they get no feature", len(lacking), len(ids), variant)
             ids = [i for i in ids if i in crops]
-    # source-image embedders (dlib) use one core per process: the job's threads become worker processes
+    # source-image embedders on the CPU (chips are cut on one core) use one core per process: the job's threads
+    # become worker processes; on a GPU one process feeds it
+    cpu_source = emb.input_kind == "source" and getattr(emb, "device", "cpu") == "cpu"
     df = embed_all(emb, ids, load, variant, chunk=int(snakemake.params.chunk), progress=progress,
-                   workers=snakemake.threads if emb.input_kind == "source" else 1)
+                   workers=snakemake.threads if cpu_source else 1)
     log.info("%d features (%s): %s", len(df), emb.name, df["face"].value_counts().to_dict())
     used = [snakemake.input.aligned] + ([snakemake.input.masked] if "masked" in snakemake.input.keys() else [])
     prov = provenance("features", {"model": mcfg, "variant": variant, "mask": snakemake.params.mask}, used,
