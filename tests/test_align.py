@@ -252,3 +252,48 @@ def _png_name(image_id: str) -> str:
     """The CLI's output file of an image id (same relative path, .png)."""
     from pathlib import PurePosixPath
     return str(PurePosixPath(image_id).with_suffix(".png"))
+
+
+class _FailingDetector:
+    """Stands in for the MTCNN detector: a batch raises ``batch_exc``; one image at a time finds no face."""
+    batch_exc: BaseException = RuntimeError("x")
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def detect(self, imgs):
+        if len(imgs) > 1:
+            raise type(self).batch_exc
+        return [(np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32))]
+
+
+def _noise_items(tmp_path, n=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    items = []
+    for k in range(n):
+        p = tmp_path / f"n{k}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(p)
+        items.append({"image_id": f"N/n{k}.png", "identity": "N", "src": str(p), "shard": 0})
+    return items
+
+
+def test_out_of_memory_on_a_batch_is_retried_image_by_image(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(A, "Detector", _FailingDetector)
+    monkeypatch.setattr(_FailingDetector, "batch_exc", torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    cfg = A.AlignConfig.from_mapping({"device": "cpu", "workers": 1, "batch_size": 8, "on_no_face": "skip"})
+    recs = A.align_items(_noise_items(tmp_path), cfg, "largest", progress=False)
+    assert [r["status"] for r in recs] == ["no_face"] * 3
+
+
+def test_a_cuda_error_stops_the_job_instead_of_error_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "Detector", _FailingDetector)
+    monkeypatch.setattr(_FailingDetector, "batch_exc",
+                        RuntimeError("CUDA error: an illegal memory access was encountered"))
+    cfg = A.AlignConfig.from_mapping({"device": "cpu", "workers": 1, "batch_size": 8, "on_no_face": "skip"})
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        A.align_items(_noise_items(tmp_path), cfg, "largest", progress=False)
+    assert not A.device_failed(ValueError("CUDA error in a file name"))       # not a RuntimeError of torch

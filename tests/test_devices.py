@@ -128,3 +128,19 @@ def test_lock_folder_is_per_user(monkeypatch):
 
     monkeypatch.delenv("MASKFACE_GPU_LOCKS", raising=False)
     assert devices.lock_folder().endswith(f"maskface-gpu-locks-{os.getuid()}")
+
+
+def test_precision_policy():
+    """Inference in true fp32 on a GPU; training lets convolutions use TF32, never the (head's) matmuls; the CPU
+    is left alone. Only backend flags are set, so this runs without a GPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        assert devices.precision_policy("cpu") == {} and torch.backends.cudnn.allow_tf32
+        assert devices.precision_policy("cuda") == {"conv_tf32": False, "matmul_tf32": False}
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert devices.precision_policy(torch.device("cuda", 0), training=True) == {"conv_tf32": True,
+                                                                                    "matmul_tf32": False}
+        assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -514,3 +514,18 @@ def test_dry_run_builds_the_training_dag(tmp_path):
     stats = dict(line.split()[:2] for line in out.splitlines() if line.startswith(("train ", "train_fold_eval ",
                                                                                    "train_summary ")))
     assert stats == {"train": "4", "train_fold_eval": "4", "train_summary": "1"}, out[-3000:]
+
+
+def test_amp_auto_is_bf16_only_where_the_gpu_computes_it(monkeypatch):
+    """amp auto: bf16 on GPUs with native bf16 (A100, H100), fp32 on those that only emulate it (V100, T4) and
+    on the CPU; bf16 asked for is bf16."""
+    from maskface import train as T
+
+    cuda = torch.device("cuda", 0)
+    for native, want in ((True, torch.bfloat16), (False, None)):
+        # emulated bf16 counts as supported only when emulation is included
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native or including_emulation)
+        assert T.amp_dtype_for("auto", cuda) is want
+    assert T.amp_dtype_for("auto", torch.device("cpu")) is None
+    assert T.amp_dtype_for("bf16", cuda) is torch.bfloat16 and T.amp_dtype_for("none", cuda) is None

@@ -209,6 +209,9 @@ class Detector:
 
         self.torch = torch
         self.device = torch.device(device)
+        from .devices import precision_policy
+
+        self.precision = precision_policy(self.device)      # true fp32 on a GPU: boxes as on the CPU
         self.min_face_size = float(min_face_size)
         self.thresholds = [float(t) for t in thresholds]
         self.factor = float(factor)
@@ -489,6 +492,22 @@ def _init_worker(cfg: AlignConfig, device: str, threads: int) -> None:
     _WORKER["det"] = Detector(cfg.min_face_size, cfg.thresholds, cfg.factor, device)
 
 
+def device_failed(exc: BaseException) -> bool:
+    """A CUDA error other than running out of memory. CUDA errors are sticky: every later call on the device
+    fails too, so retrying image by image would only turn the rest of the shard into ``error`` rows of a job
+    that "succeeds". Such an error stops the job; out of memory is retried one image at a time."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)     # torch >= 2.8 raises CUDA errors as this
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and any(k in msg for k in ("CUDA error", "CUDA driver", "cuDNN error",
+                                                                     "CUBLAS_STATUS", "device-side assert"))
+
+
 def _process_chunk(task: tuple[list[dict], str]) -> list[dict]:
     """Decode, detect (same-size images batched), align and encode one chunk of images."""
     items, method = task
@@ -528,13 +547,17 @@ def _process_chunk(task: tuple[list[dict], str]) -> list[dict]:
     for group in groups.values():
         try:
             dets = det.detect(np.stack([rgb for _, rgb in group]))
-        except Exception:  # noqa: BLE001 - retry one by one to isolate the culprit
+        except Exception as exc:  # noqa: BLE001 - retry one by one to isolate the culprit (or fit in memory)
+            if device_failed(exc):
+                raise
             dets = None
         for j, (rec, rgb) in enumerate(group):
             try:
                 d = dets[j] if dets is not None else det.detect(rgb[None])[0]
                 finish_image(rgb, d, rec, cfg, method)
             except Exception as exc:  # noqa: BLE001
+                if device_failed(exc):
+                    raise
                 rec.update(status="error", reason=f"{type(exc).__name__}: {exc}",
                            src_width=int(rgb.shape[1]), src_height=int(rgb.shape[0]))
                 log.warning("align failed on %s:\n%s", rec["image_id"], traceback.format_exc())
@@ -553,10 +576,9 @@ def align_items(items: list[dict], cfg: AlignConfig, method: str, *, progress: b
     device = cfg.resolved_device()
     batch = cfg.resolved_batch(device)
     from .devices import describe
-    log.info("%s: %s, batch %d, %d worker process(es)", desc, describe(device), batch,
-             1 if device == "cuda" else max(1, int(cfg.workers)))
     workers = 1 if device == "cuda" else max(1, int(cfg.workers))
     workers = min(workers, max(1, math.ceil(len(items) / batch)))
+    log.info("%s: %s, batch %d, %d worker process(es)", desc, describe(device), batch, workers)
     # order by size so that chunks hold same-size images (facenet-pytorch batches one size only)
     sizes = [(it.get("height") or 0, it.get("width") or 0) for it in items]
     order = sorted(range(len(items)), key=lambda i: (sizes[i], i))

@@ -136,6 +136,27 @@ def resolve(device: str, key: str) -> str:
     return "cpu"
 
 
+def precision_policy(device: str | object, training: bool = False) -> dict:
+    """The float precision of a job on a GPU, set before its first kernel, and returned for its log line and
+    provenance. Ampere and later GPUs may run fp32 convolutions and matmuls in TF32 (10-bit mantissa); cuDNN
+    does so for convolutions by default, which makes GPU features differ from the CPU's by about 1e-3.
+
+    - inference (alignment, features, the demo, a trained model's fold evaluation): true fp32 throughout, so
+      that GPU and CPU results agree to float rounding;
+    - training: the backbone's convolutions may use TF32 (as they may use bf16 under ``amp``); matmuls, among
+      them the margin head's cos(m theta) logits, stay true fp32.
+
+    On the CPU nothing is set and the policy is empty."""
+    import torch
+
+    dev = torch.device(device) if isinstance(device, str) else device
+    if getattr(dev, "type", "cpu") != "cuda":
+        return {}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = bool(training)
+    return {"conv_tf32": bool(training), "matmul_tf32": False}
+
+
 def describe(device: str | object, **extra: object) -> str:
     """One line for a job's log: the device (GPU name and memory), torch, CUDA and cuDNN versions, and
     ``extra`` (e.g. amp, world_size)."""
@@ -154,5 +175,8 @@ def describe(device: str | object, **extra: object) -> str:
         parts.append(f"CUDA {torch.version.cuda}")
     if dev.type == "cuda" and torch.backends.cudnn.is_available():
         parts.append(f"cuDNN {torch.backends.cudnn.version()}")
+    if dev.type == "cuda":
+        parts.append(f"TF32 conv {'on' if torch.backends.cudnn.allow_tf32 else 'off'}, matmul "
+                     f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}")
     parts += [f"{k.replace('_', ' ')} {v}" for k, v in extra.items()]
     return ", ".join(parts)

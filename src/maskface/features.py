@@ -258,9 +258,11 @@ class DlibResnetEmbedder(DlibChipEmbedder):
         super().__init__(**kwargs)
         import torch
 
+        from .devices import precision_policy
         from .dlibnet import DlibResnet
 
         self.device = resolve_device(device)
+        self.precision = precision_policy(self.device)      # features in true fp32 on a GPU
         self.checkpoint = str(checkpoint) if checkpoint else None
         if self.checkpoint:
             self.net, meta = load_checkpoint(self.checkpoint, self.device)
@@ -288,7 +290,7 @@ class DlibResnetEmbedder(DlibChipEmbedder):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(backend="torch", device=self.device, model=self.source)
+        d.update(backend="torch", device=self.device, precision=self.precision, model=self.source)
         return d
 
 
@@ -515,7 +517,10 @@ class SphereFaceEmbedder(Embedder):
                  batch_size: int = 256, eval_settings: Optional[Mapping[str, Any]] = None):
         if flip not in ("concat", "sum", "none"):
             raise ValueError(f"flip must be concat, sum or none, got {flip!r}")
+        from .devices import precision_policy
+
         self.device = resolve_device(device)
+        self.precision = precision_policy(self.device)      # features in true fp32 on a GPU
         self.net, self.meta = load_checkpoint(checkpoint, self.device)
         self.checkpoint = str(checkpoint)
         self.flip = flip
@@ -561,7 +566,8 @@ class SphereFaceEmbedder(Embedder):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(checkpoint=self.checkpoint, flip=self.flip, device=self.device, input=self.meta["input"],
+        d.update(checkpoint=self.checkpoint, flip=self.flip, device=self.device, precision=self.precision,
+                 input=self.meta["input"],
                  feature_dim=self.feature_dim, template=self.meta.get("template"), meta=self.meta.get("meta"))
         return d
 

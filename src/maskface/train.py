@@ -424,9 +424,21 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 in hardware (compute capability 8.0 on: A100, H100, RTX 30xx and later).
+    V100 and T4 only emulate it, slower than fp32."""
+    if device.type != "cuda":
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:      # torch < 2.3
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def amp_dtype_for(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """``auto``: bf16 autocast on a GPU with native bf16, else none (fp32); ``bf16`` forces it."""
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        return torch.bfloat16 if native_bf16(device) else None
     return {"bf16": torch.bfloat16, "none": None}[amp]
 
 
@@ -536,20 +548,24 @@ def train_run(spec: Mapping[str, Any], out_dir: str | os.PathLike, *, stop_after
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(cfg["device"], local_rank)
     torch.set_num_threads(max(1, int(cfg["threads"])))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)          # before the process group, so that NCCL binds this rank's GPU
         torch.backends.cudnn.benchmark = not cfg["deterministic"]
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.distributed.init_process_group("nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group("gloo")
+    from .devices import precision_policy
+
+    precision_policy(device, training=True)     # convolutions may use TF32; the head's matmuls stay fp32
     if cfg["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if rank == 0:
         from .devices import describe
-        log.info("run %s: %s", spec.get("run"), describe(device, amp=cfg["amp"] if device.type == "cuda" else "none",
-                                                          world_size=world))
+        amp_name = "bf16" if amp_dtype_for(cfg["amp"], device) else "none"
+        log.info("run %s: %s", spec.get("run"), describe(device, amp=amp_name, world_size=world))
     seed = int(spec.get("seed", 1))
     digest = spec_digest(spec)
     t_data = time.time()
@@ -718,6 +734,9 @@ def evaluate_fold(model_path: str | os.PathLike, pairs: pd.DataFrame, fold: int,
 
     torch.set_num_threads(max(1, threads))
     dev = resolve_device(device)
+    from .devices import precision_policy
+
+    precision_policy(dev)                       # evaluation in true fp32
     net, meta = load_model(model_path, str(dev))
     variants = {"clean": open_cache(*clean)}
     if masked:
@@ -808,7 +827,11 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.cmd == "run":
         spec = json.loads(Path(a.spec).read_text())
-        res = train_run(spec, a.out or Path(a.spec).parent, stop_after=a.stop_after)
+        try:
+            res = train_run(spec, a.out or Path(a.spec).parent, stop_after=a.stop_after)
+        finally:
+            if torch.distributed.is_initialized():      # torchrun's ranks: leave the group cleanly
+                torch.distributed.destroy_process_group()
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(res, default=str))
     elif a.cmd == "cache":

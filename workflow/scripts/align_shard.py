@@ -4,6 +4,7 @@ import json
 import pandas as pd
 
 from maskface.align import AlignConfig, align_shard, records_frame, summarize
+from maskface.devices import precision_policy
 from maskface.manifest import provenance, write_table
 from maskface.smk import logged
 
@@ -20,6 +21,7 @@ with logged(snakemake) as log:
     table = records_frame(recs, with_png=True)
     s = summarize(table.drop_columns(["png"]).to_pandas())
     log.info("shard %d: %s", shard, json.dumps(s, sort_keys=True))
+    device = cfg.resolved_device()
     prov = provenance("align_shard", params, [snakemake.input.json, snakemake.input.raw], shard=shard,
-                      code=snakemake.params.code, device=cfg.resolved_device())
+                      code=snakemake.params.code, device=device, precision=precision_policy(device))
     write_table(table, snakemake.output.shard, prov)
