@@ -14,7 +14,9 @@ recorded with its error and the others still run. Steps:
 5. bf16 and fp32 loss curves over 20 iterations;
 6. MTCNN alignment of ``--n-align`` LFW images on the GPU and on the CPU: throughput, box IoU, landmark px;
 7. SphereFace embedder throughput and CPU/GPU feature agreement (cosine) on the aligned crops of step 6;
-8. a 2-rank DDP run (NCCL) when 2 GPUs are visible, else recorded as skipped (``--dry``: gloo on the CPU).
+8. the reference network (dlib-resnet, maskface.dlibnet) on dlib chips of step 6's faces: GPU img/s in fp32,
+   bf16 and fp16, each one's cosine against the CPU fp32 descriptors, the CPU's against dlib's own run;
+9. a 2-rank DDP run (NCCL) when 2 GPUs are visible, else recorded as skipped (``--dry``: gloo on the CPU).
 
 Its data: ``--n-align`` LFW images read from ``--lfw`` (``$MASKFACE_LFW`` or ``../shared/data/lfw``), never
 copied into the repository; synthetic crops for the training steps.
@@ -217,6 +219,53 @@ def embedders(device: str, crops: list[dict], dry: bool) -> dict:
     return {"faces": len(faces), **out}
 
 
+def reference(device: str, recs: list[dict], lfw: Path, dry: bool) -> dict:
+    """The reference network (dlib-resnet, the torch module): GPU throughput in fp32 / bf16 / fp16 and the
+    agreement of each with the CPU fp32 descriptors and with dlib's own run, on dlib chips of LFW faces."""
+    from maskface.dlibnet import DlibResnet
+    from maskface.features import FaceInput, make_embedder
+    from maskface.imageio import load_rgb
+
+    n = 16 if dry else 512
+    faces = [FaceInput(load_rgb(lfw / "images_deepfunneled" / r["image_id"]), r.get("bbox"))
+             for r in recs[:n] if r.get("status") == "ok"]
+    ref = make_embedder("dlib")
+    chips = ref.chips(faces)
+    d_dlib = ref.describe_chips_raw(chips[:64])
+    cpu_net = DlibResnet.from_dlib_file().eval()
+    with torch.inference_mode():
+        d_cpu = cpu_net(cpu_net.to_input(chips)).numpy()
+
+    def cos(a, b):
+        c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        return {"mean": float(c.mean()), "min": float(c.min())}
+
+    out = {"faces": len(chips), "cpu_vs_dlib": cos(d_cpu[:64], d_dlib)}
+    if device == "cpu":
+        return out
+    from maskface.devices import precision_policy
+
+    out["precision"] = precision_policy(device)
+    net = DlibResnet.from_dlib_file().to(device).eval()
+    x = net.to_input(chips).to(device)
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            net(x[:64])                                  # warm-up (cuDNN autotune)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            reps = 5
+            for _ in range(reps):
+                y = net(x)
+            torch.cuda.synchronize()
+            rate = reps * len(x) / (time.perf_counter() - t0)
+        out[name] = {"img_s": rate, "vs_cpu_fp32": cos(y.float().cpu().numpy(), d_cpu)}
+    emb = make_embedder("dlib-resnet", device=device, flip=True, batch_size=256)
+    t0 = time.perf_counter()
+    emb.embed(faces)
+    out["end_to_end_one_process_img_s"] = len(faces) / (time.perf_counter() - t0)
+    return out
+
+
 def ddp(device: str, dry: bool) -> dict:
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     if device == "cuda" and gpus < 2:
@@ -292,6 +341,7 @@ def main(argv=None) -> int:
 
     step(res, "alignment")(align_step)
     step(res, "embedders")(lambda: embedders(device, crops[:512], a.dry))
+    step(res, "reference_network")(lambda: reference(device, crops, Path(a.lfw), a.dry))
     step(res, "ddp_2_ranks")(lambda: ddp(device, a.dry))
     res["total_s"] = time.perf_counter() - t0
     (out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str))
