@@ -28,6 +28,10 @@ try:
                  paths=workflow.is_main_process)
 except ConfigError as _err:
     raise WorkflowError(str(_err)) from None
+# the train section as written (a preset's sizes go under the user's own keys, not under the schema's defaults)
+import copy
+
+USER_TRAIN = copy.deepcopy(config.get("train") or {})
 # ... then fills in every default of the schema.
 validate(config, schema="workflow/schemas/config.schema.yaml", set_default=True)
 

@@ -103,3 +103,25 @@ def test_snakemake_prints_the_short_message_and_runs_nothing(good, tmp_path: Pat
     assert "Failed validating" not in out and "description" not in out     # no schema dump
     assert len(out.strip().splitlines()) <= 8, out
     assert not (tmp_path / "results").exists()
+
+
+def test_source_alternatives_the_first_local_copy_else_the_download(good, tmp_path, monkeypatch):
+    from maskface.download import chosen_sources, choose_source
+
+    monkeypatch.chdir(tmp_path)
+    url = "https://example.org/lfw.tgz"
+    (tmp_path / "copy").mkdir()
+    assert choose_source(["nowhere", "copy", url]) == "copy"
+    assert choose_source(["nowhere", url]) == url
+    assert choose_source("x") == "x"
+    cfg = chosen_sources({"source": ["copy", url], "pairs": {"source": ["copy/pairs.txt", url + ".txt"], "md5": None}})
+    assert cfg["source"] == "copy" and cfg["pairs"]["source"] == url + ".txt"
+    good["datasets"]["mine"]["source"] = ["nowhere", url]
+    assert config_errors(good, SCHEMA) == []
+    good["datasets"]["mine"]["source"] = ["nowhere", "neither"]
+    assert config_errors(good, SCHEMA) == [f"datasets.mine.source: none of nowhere, neither exists (relative paths "
+                                           f"are relative to the working directory, {tmp_path})"]
+    good["datasets"]["mine"]["source"] = ["nowhere", "ftp://example.org/lfw.tgz"]
+    assert config_errors(good, SCHEMA)[0].endswith("only http:// and https:// URLs are fetched; or a local path")
+    good["datasets"]["mine"]["source"] = []
+    assert config_errors(good, SCHEMA)      # an empty list is no source

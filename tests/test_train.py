@@ -158,9 +158,10 @@ def test_protocol_helpers():
     man = pd.DataFrame({"image_id": ["A/1", "C/1", "C/2", "E/1"], "identity": ["A", "C", "C", "E"],
                         "status": ["ok", "ok", "ok", "no_face"]})
     assert list(select_training(man, exclude_identities={"A"})["identity"]) == ["C", "C"]
+    m = {"mask_fraction": 0.0, "group": "x"}
     assert run_names({"folds": [1, 2], "seeds": [1, 2], "name": "x"}) == {
-        "x-fold1-seed1": {"fold": 1, "seed": 1}, "x-fold2-seed1": {"fold": 2, "seed": 1},
-        "x-fold1-seed2": {"fold": 1, "seed": 2}, "x-fold2-seed2": {"fold": 2, "seed": 2}}
+        "x-fold1-seed1": {"fold": 1, "seed": 1, **m}, "x-fold2-seed1": {"fold": 2, "seed": 1, **m},
+        "x-fold1-seed2": {"fold": 1, "seed": 2, **m}, "x-fold2-seed2": {"fold": 2, "seed": 2, **m}}
     assert list(run_names({"protocol": "external", "seeds": [1, 2, 3, 4, 5]})) == [f"sphereface-seed{s}" for s in range(1, 6)]
     assert merged({"head": {"type": "cosface"}})["head"]["lambda"]["base"] == 1000.0
 
@@ -529,3 +530,39 @@ def test_amp_auto_is_bf16_only_where_the_gpu_computes_it(monkeypatch):
         assert T.amp_dtype_for("auto", cuda) is want
     assert T.amp_dtype_for("auto", torch.device("cpu")) is None
     assert T.amp_dtype_for("bf16", cuda) is torch.bfloat16 and T.amp_dtype_for("none", cuda) is None
+
+
+
+def test_presets_and_mask_fraction_groups():
+    """preset auto: the GPU size where a GPU trains, else the CPU size, under the user's own keys, in the run
+    name; mask_fractions: the same runs with and without masks, grouped."""
+    from maskface.train_config import with_preset
+
+    cpu = with_preset({"preset": "auto", "iterations": 600}, gpu_here=False)
+    assert cpu["preset"] == "cpu" and cpu["name"] == "sphereface-cpu" and cpu["folds"] == [1]
+    assert cpu["arch"] == {"depth": 4, "width": 0.5, "feature_dim": 512} and cpu["iterations"] == 600   # user wins
+    gpu = with_preset({"preset": "auto"}, gpu_here=True)
+    assert gpu["preset"] == "gpu" and gpu["arch"]["depth"] == 20 and len(gpu["folds"]) == 10
+    assert with_preset({"name": "x"}, gpu_here=False)["name"] == "x"             # preset none: as written
+    with pytest.raises(ValueError, match="preset"):
+        with_preset({"preset": "tpu"}, gpu_here=False)
+    runs = run_names({**cpu, "mask_fractions": [0.5, 0.0]})
+    assert runs == {"sphereface-cpu-m50-fold1-seed1": {"fold": 1, "seed": 1, "mask_fraction": 0.5,
+                                                       "group": "sphereface-cpu-m50"},
+                    "sphereface-cpu-m0-fold1-seed1": {"fold": 1, "seed": 1, "mask_fraction": 0.0,
+                                                      "group": "sphereface-cpu-m0"}}
+    with pytest.raises(ValueError, match="same run name"):
+        run_names({"mask_fractions": [0.5, 0.501]})
+
+
+def test_summary_of_groups_side_by_side():
+    from maskface.train import summarize_groups, summary_markdown
+
+    def ev(clean, masked):
+        return {"protocols": {"clean": {"accuracy": clean}, "masked": {"accuracy": masked}}}
+
+    s = summarize_groups({"x-m50": [ev(0.88, 0.86)], "x-m0": [ev(0.89, 0.75)]})
+    md = summary_markdown(s, "x")
+    assert "| protocol | x-m50 | x-m0 |" in md
+    assert "| masked | 86.00 ± 0.00 (1 run) | 75.00 ± 0.00 (1 run) |" in md
+    assert "groups" not in summarize_groups({"x": [ev(0.88, 0.86)]})

@@ -127,6 +127,25 @@ def test_real_lfw_dag_builds(lfw, tmp_path):
         assert res.returncode != 0 and "would train on the CPU" in res.stdout + res.stderr
 
 
+@pytest.mark.lfw
+def test_the_default_config_trains_at_the_size_of_the_machine(lfw, tmp_path):
+    """config.yaml (a local LFW copy when there is one; train.preset auto, with and without masks): on a machine
+    without a GPU the CPU size (fold 1, SphereFace-4, two runs), with a GPU given to the run the GPU size (every
+    fold, SphereFace-20); either way planned, not refused."""
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text().replace("../shared/data/lfw", str(lfw)))
+    gpu_env = {"CUDA_VISIBLE_DEVICES": "0"}
+    runs = {}
+    for name, env in (("here", None), ("gpu", gpu_env)):
+        res = smk(tmp_path, "-n", "all", env=env)
+        out = res.stdout + res.stderr
+        runs[name] = sorted({line.split("run=")[1].split(",")[0] for line in out.splitlines()
+                             if "wildcards: run=" in line})
+        assert "rule download:" in out and "would train on the CPU" not in out
+    if not Path("/dev/nvidia0").exists():
+        assert runs["here"] == ["sphereface-cpu-m0-fold1-seed1", "sphereface-cpu-m50-fold1-seed1"]
+    assert len(runs["gpu"]) == 20 and "sphereface-gpu-m50-fold10-seed1" in runs["gpu"]
+
+
 # the rules whose jobs resolve a stage's device (maskface.devices.resolve) and so may start CUDA
 GPU_RULES = {"align_shard", "align_fidelity", "extract_features", "demo_threshold", "demo_run", "train",
              "train_fold_eval"}

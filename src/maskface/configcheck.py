@@ -92,7 +92,7 @@ def _explain(err, root: Mapping[str, Any]) -> Iterator[str]:
 
 
 def _local_paths(config: Mapping[str, Any]) -> Iterator[str]:
-    from .download import is_archive, is_url
+    from .download import choose_source, is_archive, is_url
 
     cwd = Path(os.getcwd())
     for name, ds in (config.get("datasets") or {}).items():
@@ -100,8 +100,18 @@ def _local_paths(config: Mapping[str, Any]) -> Iterator[str]:
             continue
         pairs = ds.get("pairs")
         for key, src in (("source", ds.get("source")),
-                         ("pairs", pairs if isinstance(pairs, str) else None),
+                         ("pairs", pairs if isinstance(pairs, (str, list)) else None),
                          ("pairs.source", pairs.get("source") if isinstance(pairs, Mapping) else None)):
+            if isinstance(src, list):          # alternatives: one usable is enough
+                chosen = choose_source(src)
+                if is_url(chosen) or Path(chosen).expanduser().exists():
+                    continue
+                urls = [s for s in src if "://" in s]
+                if not urls:
+                    yield (f"datasets.{name}.{key}: none of {', '.join(src)} exists (relative paths are relative "
+                           f"to the working directory, {cwd})")
+                    continue
+                src = urls[0]                  # a URL that cannot be fetched: reported below
             if not isinstance(src, str) or not src or is_url(src):
                 continue
             if "://" in src:

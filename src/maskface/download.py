@@ -22,7 +22,7 @@ import tarfile
 import time
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import requests
 from tqdm import tqdm
@@ -48,6 +48,29 @@ class UnsafeArchiveError(ValueError):
 
 def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
+
+
+def choose_source(source: Any) -> Any:
+    """A dataset's or pairs file's ``source``: a string is itself; a list of alternatives gives the first
+    local path that exists, else the first http(s) URL, else its first entry (whose absence is then reported)."""
+    if not isinstance(source, (list, tuple)):
+        return source
+    for s in source:
+        if not is_url(s) and Path(s).expanduser().exists():
+            return s
+    return next((s for s in source if is_url(s)), source[0] if source else None)
+
+
+def chosen_sources(cfg: Mapping[str, Any]) -> dict:
+    """A dataset config with its source and pairs source alternatives resolved by :func:`choose_source`."""
+    out = dict(cfg)
+    out["source"] = choose_source(cfg.get("source"))
+    pairs = cfg.get("pairs")
+    if isinstance(pairs, Mapping):
+        out["pairs"] = {**pairs, "source": choose_source(pairs.get("source"))}
+    elif pairs is not None:
+        out["pairs"] = choose_source(pairs)
+    return out
 
 
 def is_archive(path: str | os.PathLike) -> bool:

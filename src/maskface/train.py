@@ -791,10 +791,37 @@ def summarize_evals(evals: Sequence[Mapping[str, Any]]) -> dict:
     return out
 
 
+def summarize_groups(evals: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:
+    """{group: its runs' evals} (e.g. the same runs with and without masks) -> the summary of all runs, with
+    each group's own under ``groups``."""
+    out = summarize_evals([e for evs in evals.values() for e in evs])
+    if len(evals) > 1:
+        out["groups"] = {g: summarize_evals(evs) for g, evs in evals.items()}
+    return out
+
+
 def summary_markdown(summary: Mapping[str, Any], title: str = "") -> str:
     lines = [f"# {title}" if title else "# Training runs", "",
              "LFW fold accuracy (lfw_unrestricted: threshold from the other nine folds, see maskface.train), "
-             "mean ± std over runs, in percent.", "", "| protocol | runs | mean | std | per run |", "|---|---|---|---|---|"]
+             "mean ± std over runs, in percent."]
+    groups = summary.get("groups")
+    if groups:
+        names = list(groups)
+        lines += [f" The groups differ only in their mask fraction (train.mask_fractions): the same folds, "
+                  f"seeds and schedule.", "", "| protocol | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        for proto in ("clean", "mixed", "masked"):
+            cells = [groups[g]["protocols"].get(proto) for g in names]
+            if any(cells):
+                lines.append(f"| {proto} | " + " | ".join(
+                    f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f} ({c['n']} run{'s' if c['n'] > 1 else ''})"
+                    if c else "" for c in cells) + " |")
+        lines += ["", "| group | protocol | per run |", "|---|---|---|"]
+        for g in names:
+            for proto, p in groups[g]["protocols"].items():
+                lines.append(f"| {g} | {proto} | " + ", ".join(f"{100 * a:.2f}" for a in p["accuracies"]) + " |")
+        return "\n".join(lines) + "\n"
+    lines += ["", "| protocol | runs | mean | std | per run |", "|---|---|---|---|---|"]
     for name, p in summary["protocols"].items():
         lines.append(f"| {name} | {p['n']} | {100 * p['mean']:.2f} | {100 * p['std']:.2f} | "
                      + ", ".join(f"{100 * a:.2f}" for a in p["accuracies"]) + " |")

@@ -47,9 +47,11 @@ DEFAULTS: dict[str, Any] = {
     "keep_checkpoint": True,
     "eval_masked": True,
     "eval_batch_size": 256,
+    "preset": "none",
+    "mask_fractions": None,
 }
 # Keys that do not change the result (a checkpoint written under other values of these is resumed).
-NON_SEMANTIC = ("device", "gpus", "max_cpu_hours", "compile", "threads", "prefetch", "loader_threads", "checkpoint_every", "log_every",
+NON_SEMANTIC = ("preset", "mask_fractions", "device", "gpus", "max_cpu_hours", "compile", "threads", "prefetch", "loader_threads", "checkpoint_every", "log_every",
                 "keep_checkpoint", "eval_masked", "eval_batch_size", "name", "folds", "seeds", "datasets",
                 "lfw_dataset", "protocol")
 
@@ -64,18 +66,69 @@ def merged(cfg: Optional[Mapping[str, Any]]) -> dict:
     return rec(DEFAULTS, cfg)
 
 
+# Training sizes picked by `train.preset` (auto: gpu where a GPU will train, else cpu), under the user's own keys.
+PRESETS: dict[str, dict[str, Any]] = {
+    # the defaults: SphereFace-20, 8,000 iterations x 256 on every LFW fold (about 10 min a run on one H100)
+    "gpu": {},
+    # SphereFace-4 at half width on fold 1, about 12 minutes a run on one core of a 2-core CPU
+    # (config/cpu-quick.yaml holds the same settings, with the measured reasons for each)
+    "cpu": {"folds": [1], "arch": {"depth": 4, "width": 0.5}, "min_images": 2, "batch_size": 64,
+            "iterations": 1200, "lr": 0.0125, "lr_steps": [800, 1050], "device": "cpu", "threads": 1,
+            "checkpoint_every": 100, "log_every": 25, "eval_batch_size": 128},
+}
+
+
+def _overlay(base: Mapping[str, Any], upd: Optional[Mapping[str, Any]]) -> dict:
+    out = copy.deepcopy(dict(base))
+    for k, v in (upd or {}).items():
+        out[k] = _overlay(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, Mapping) else copy.deepcopy(v)
+    return out
+
+
+def with_preset(user: Optional[Mapping[str, Any]], gpu_here: bool) -> dict:
+    """The train config of a run: ``DEFAULTS``, then the preset, then what the user set (``user``: the train
+    section as written, before the schema's defaults). ``preset: auto`` becomes ``gpu`` when a GPU will train
+    (``gpu_here``), else ``cpu``; a preset other than none is appended to the run name and kept in the config
+    (so in every run's spec and provenance)."""
+    user = dict(user or {})
+    preset = user.get("preset", DEFAULTS["preset"])
+    if preset == "auto":
+        preset = "gpu" if gpu_here else "cpu"
+    if preset not in PRESETS and preset != "none":
+        raise ValueError(f"train.preset must be auto, gpu, cpu or none, got {preset!r}")
+    cfg = merged(_overlay(PRESETS.get(preset, {}), user))
+    cfg["preset"] = preset
+    if preset != "none":
+        cfg["name"] = f"{cfg['name']}-{preset}"
+    return cfg
+
+
+def mask_tag(fraction: float) -> str:
+    """``m50`` for a mask fraction of 0.5: the run-name part of a mask_fractions comparison."""
+    return f"m{int(round(100 * float(fraction)))}"
+
+
 def run_names(cfg: Mapping[str, Any]) -> dict[str, dict]:
-    """{run name: {"fold": k or None, "seed": s}} of a train config."""
+    """{run name: {"fold": k or None, "seed": s, "mask_fraction": f, "group": name}} of a train config. With
+    ``mask_fractions`` (e.g. [0.5, 0.0]: the same runs with and without masks), one run per fraction, named
+    ``{name}-m50-...`` and grouped by that prefix."""
     cfg = merged(cfg)
+    fractions = cfg["mask_fractions"]
+    groups = ([(f"{cfg['name']}-{mask_tag(f)}", float(f)) for f in fractions] if fractions
+              else [(cfg["name"], float(cfg["mask_fraction"]))])
+    if len({g for g, _ in groups}) != len(groups):
+        raise ValueError(f"train.mask_fractions {fractions}: two fractions give the same run name")
     out = {}
-    for s in cfg["seeds"]:
-        if cfg["protocol"] == "lfw_unrestricted":
-            for k in cfg["folds"]:
-                out[f"{cfg['name']}-fold{int(k)}-seed{int(s)}"] = {"fold": int(k), "seed": int(s)}
-        elif cfg["protocol"] == "external":
-            out[f"{cfg['name']}-seed{int(s)}"] = {"fold": None, "seed": int(s)}
-        else:
-            raise ValueError(f"train.protocol must be lfw_unrestricted or external, got {cfg['protocol']!r}")
+    for group, frac in groups:
+        for s in cfg["seeds"]:
+            if cfg["protocol"] == "lfw_unrestricted":
+                for k in cfg["folds"]:
+                    out[f"{group}-fold{int(k)}-seed{int(s)}"] = {"fold": int(k), "seed": int(s),
+                                                                  "mask_fraction": frac, "group": group}
+            elif cfg["protocol"] == "external":
+                out[f"{group}-seed{int(s)}"] = {"fold": None, "seed": int(s), "mask_fraction": frac, "group": group}
+            else:
+                raise ValueError(f"train.protocol must be lfw_unrestricted or external, got {cfg['protocol']!r}")
     return out
 
 
@@ -130,7 +183,7 @@ def cpu_training_refusal(cfg: Mapping[str, Any], runs: int, cores: int) -> Optio
     return (f"train: {runs} SphereFace-{arch.get('depth', 20)} run(s) (width {arch.get('width', 1.0)}) of "
             f"{int(cfg['iterations']):,} iterations x {int(cfg['batch_size'])} images would train on the CPU: about "
             f"{est['core_hours']:,.1f} core-hours, {est['wall_hours']:,.1f} h on {est['cores']} core(s) (estimated at "
-            f"{est['img_s_per_core']:.1f} img/s per core), more than train.max_cpu_hours ({cfg['max_cpu_hours']}). "
-            f"Ways out: a CPU-sized run (--configfile config/cpu-quick.yaml); a GPU (train.device: cuda on a machine "
+            f"{est['img_s_per_core']:.1f} img/s per core), more than train.max_cpu_hours ({float(cfg['max_cpu_hours']):g}). "
+            f"Ways out: a CPU-sized run (train: {{preset: cpu}}, or --configfile config/cpu-quick.yaml); a GPU (train.device: cuda on a machine "
             f"with one, or a cluster profile); stages without training (snakemake align mask); or accept the wait "
             f"with a config file holding train: {{max_cpu_hours: {int(est['wall_hours']) + 1}}}.")

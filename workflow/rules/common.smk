@@ -31,6 +31,12 @@ def all_targets(wildcards=None):
     return out
 
 
+# a source given as alternatives (a local copy, else the download) is resolved once, when the workflow is parsed
+from maskface.download import chosen_sources
+
+config["datasets"] = {name: chosen_sources(ds) for name, ds in config["datasets"].items()}
+
+
 def dataset_cfg(dataset):
     return config["datasets"][dataset]
 

@@ -9,12 +9,20 @@
 import re
 
 from maskface.devices import gpu_device_count, gpu_reserved
-from maskface.train_config import cpu_training_refusal, merged as _train_merged, run_names as _train_run_names  # torch-free
+from maskface.train_config import cpu_training_refusal, run_names as _train_run_names, with_preset  # torch-free
 
-TRAIN = _train_merged(config.get("train", {}))
+
+def _gpu_will_train():
+    """Where the training jobs run there is a GPU: this machine has one, the run was given one, or the jobs go
+    to a cluster (whose GPU partition the profile names)."""
+    return gpu_device_count() > 0 or gpu_reserved() is not None or not workflow.local_exec
+
+
+TRAIN = with_preset(USER_TRAIN, _gpu_will_train())
 TRAIN_RUNS = _train_run_names(TRAIN)
-TRAIN_MASKED_FOR_TRAINING = TRAIN["mask_fraction"] > 0
+TRAIN_MASKED_FOR_TRAINING = any(r["mask_fraction"] > 0 for r in TRAIN_RUNS.values())
 TRAIN_LFW = TRAIN["protocol"] == "lfw_unrestricted"
+TRAIN_GROUPS = list(dict.fromkeys(r["group"] for r in TRAIN_RUNS.values()))
 
 
 wildcard_constraints:
@@ -68,13 +76,13 @@ def _train_spec(wc):
     sources = []
     for d in _train_datasets():
         src = {"dataset": d, "manifest": f"{RESULTS}/manifests/{d}/aligned.parquet", "clean": _train_cache(d, "clean")}
-        if TRAIN_MASKED_FOR_TRAINING:
+        if run["mask_fraction"] > 0:      # a run without masks does not depend on the mask stage
             src["masked"] = _train_cache(d, "masked")
         sources.append(src)
     spec = {"run": wc.run, "protocol": TRAIN["protocol"], "fold": run["fold"], "seed": run["seed"],
             "exclude_fold": run["fold"] if TRAIN_LFW else None,
             "pairs": pairs_manifest(_train_datasets()[0]) if TRAIN_LFW else None,
-            "sources": sources, "train": TRAIN}
+            "sources": sources, "train": {**TRAIN, "mask_fraction": run["mask_fraction"]}}
     return plain(spec)
 
 
@@ -104,7 +112,7 @@ def _train_inputs(wc):
     _refuse_long_cpu_training()
     inp = {"manifests": [f"{RESULTS}/manifests/{d}/aligned.parquet" for d in _train_datasets()],
            "clean": [p for d in _train_datasets() for p in _train_cache(d, "clean")]}
-    if TRAIN_MASKED_FOR_TRAINING:
+    if TRAIN_RUNS[wc.run]["mask_fraction"] > 0:
         inp["masked"] = [p for d in _train_datasets() for p in _train_cache(d, "masked")]
     if TRAIN_LFW:
         inp["pairs"] = pairs_manifest(_train_datasets()[0])
@@ -183,6 +191,8 @@ rule train_summary:
         json=TRAIN_SUMMARY[0],
         md=TRAIN_SUMMARY[1],
     params:
+        # {group: its runs}: with train.mask_fractions one group per fraction, side by side in the summary
+        groups={g: [r for r, v in TRAIN_RUNS.items() if v["group"] == g] for g in TRAIN_GROUPS},
         code=code("train", "train_config"),
     conda:
         "../../envs/maskface.yaml"
