@@ -14,10 +14,16 @@ from maskface.train_config import cpu_training_refusal, run_names as _train_run_
 
 def _gpu_will_train():
     """Where the training jobs run there is a GPU: this machine has one, the run was given one, or the jobs go
-    to a cluster (whose GPU partition the profile names)."""
-    return gpu_device_count() > 0 or gpu_reserved() is not None or not workflow.local_exec
+    to a cluster (whose GPU partition the profile names). Decided by the main Snakemake process; a job that
+    parses the workflow again (on a cluster node) takes the same answer from the environment it inherited, so
+    that both plan the same run names."""
+    if workflow.is_main_process or PRESET_ENV not in os.environ:
+        os.environ[PRESET_ENV] = "gpu" if (gpu_device_count() > 0 or gpu_reserved() is not None
+                                           or not workflow.local_exec) else "cpu"
+    return os.environ[PRESET_ENV] == "gpu"
 
 
+PRESET_ENV = "MASKFACE_TRAIN_PRESET_AUTO"
 TRAIN = with_preset(USER_TRAIN, _gpu_will_train())
 TRAIN_RUNS = _train_run_names(TRAIN)
 TRAIN_MASKED_FOR_TRAINING = any(r["mask_fraction"] > 0 for r in TRAIN_RUNS.values())
