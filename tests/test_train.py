@@ -544,6 +544,8 @@ def test_presets_and_mask_fraction_groups():
     gpu = with_preset({"preset": "auto"}, gpu_here=True)
     assert gpu["preset"] == "gpu" and gpu["arch"]["depth"] == 20 and len(gpu["folds"]) == 10
     assert with_preset({"name": "x"}, gpu_here=False)["name"] == "x"             # preset none: as written
+    own = with_preset({"preset": "cpu", "arch": {"depth": 20}}, gpu_here=False)     # a key set replaces the preset's
+    assert own["arch"] == {"depth": 20, "width": 1.0, "feature_dim": 512} and own["iterations"] == 1200
     with pytest.raises(ValueError, match="preset"):
         with_preset({"preset": "tpu"}, gpu_here=False)
     runs = run_names({**cpu, "mask_fractions": [0.5, 0.0]})
@@ -566,3 +568,4 @@ def test_summary_of_groups_side_by_side():
     assert "| protocol | x-m50 | x-m0 |" in md
     assert "| masked | 86.00 ± 0.00 (1 run) | 75.00 ± 0.00 (1 run) |" in md
     assert "groups" not in summarize_groups({"x": [ev(0.88, 0.86)]})
+    assert "protocols" not in s          # no pooled mean over runs with and without masks

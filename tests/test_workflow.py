@@ -144,6 +144,17 @@ def test_the_default_config_trains_at_the_size_of_the_machine(lfw, tmp_path):
     if not Path("/dev/nvidia0").exists():
         assert runs["here"] == ["sphereface-cpu-m0-fold1-seed1", "sphereface-cpu-m50-fold1-seed1"]
     assert len(runs["gpu"]) == 20 and "sphereface-gpu-m50-fold10-seed1" in runs["gpu"]
+    # what profiles/slurm sets on a submit host without a GPU: the GPU size (run here, it is refused: this
+    # machine's CPU would train it; under the SLURM executor the GPU nodes do)
+    res = smk(tmp_path, "-n", "all", env={"MASKFACE_TRAIN_PRESET_AUTO": "gpu"}, check=False)
+    if not Path("/dev/nvidia0").exists():
+        assert "run=sphereface-gpu-m50-fold1-seed1" in res.stdout + res.stderr and "would train on the CPU" in \
+            res.stdout + res.stderr
+    # an overlay's mask_fraction under config.yaml's mask_fractions: said, not silently dropped
+    (tmp_path / "overlay.yaml").write_text("train: {mask_fraction: 0.25}\n")
+    res = smk(tmp_path, "-n", "all", "--configfile", str(tmp_path / "overlay.yaml"), check=False)
+    assert res.returncode != 0 and "train.mask_fraction (0.25) is not used while train.mask_fractions is set" in \
+        res.stdout + res.stderr
 
 
 # the rules whose jobs resolve a stage's device (maskface.devices.resolve) and so may start CUDA

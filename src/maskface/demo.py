@@ -493,7 +493,8 @@ def resolve_threshold(threshold: Optional[float], embedder, source: Optional[Map
         return float(threshold), dict(source or {"kind": "config"})
     name = getattr(embedder, "name", "")
     # the measured value holds for the settings it was measured with only (no flip, no jitter)
-    plain_settings = not getattr(embedder, "flip", False) and not getattr(embedder, "num_jitters", 0)
+    plain_settings = (not getattr(embedder, "flip", False) and not getattr(embedder, "num_jitters", 0)
+                      and getattr(embedder, "checkpoint", None) is None)      # not for other (fine-tuned) weights
     if name in DEFAULT_THRESHOLDS and plain_settings:
         return DEFAULT_THRESHOLDS[name], {"kind": "built-in", "far": 1e-3,
                                           "note": f"{name} at LFW FAR 1e-3, measured by calibrate_on_lfw"}

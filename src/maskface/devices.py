@@ -58,7 +58,9 @@ def lock_folder() -> str:
 
 def gpu_device_count() -> int:
     """NVIDIA GPUs on this machine, from the device files (without starting CUDA, which would fix the set of
-    visible devices before a claim)."""
+    visible devices before a claim); 0 when ``CUDA_VISIBLE_DEVICES`` hides them all ("", -1)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1", "NoDevFiles"):
+        return 0
     return len([p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)])
 
 

@@ -254,7 +254,9 @@ class DlibResnetEmbedder(DlibChipEmbedder):
     name = "dlib-resnet"
 
     def __init__(self, device: str = "auto", checkpoint: Optional[str | os.PathLike] = None,
-                 model_file: Optional[str | os.PathLike] = None, **kwargs):
+                 model_file: Optional[str | os.PathLike] = None, num_jitters: int = 0, **kwargs):
+        if num_jitters:
+            raise ValueError("num_jitters is dlib's own random jitter: use embedder: dlib for it")
         super().__init__(**kwargs)
         import torch
 

@@ -794,10 +794,11 @@ def summarize_evals(evals: Sequence[Mapping[str, Any]]) -> dict:
 def summarize_groups(evals: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:
     """{group: its runs' evals} (e.g. the same runs with and without masks) -> the summary of all runs, with
     each group's own under ``groups``."""
-    out = summarize_evals([e for evs in evals.values() for e in evs])
-    if len(evals) > 1:
-        out["groups"] = {g: summarize_evals(evs) for g, evs in evals.items()}
-    return out
+    if len(evals) == 1:
+        return summarize_evals(next(iter(evals.values())))
+    # no pooled mean over the groups: runs with and without masks are different models
+    return {"runs": [e.get("run") for evs in evals.values() for e in evs],
+            "groups": {g: summarize_evals(evs) for g, evs in evals.items()}}
 
 
 def summary_markdown(summary: Mapping[str, Any], title: str = "") -> str:

@@ -96,7 +96,10 @@ def with_preset(user: Optional[Mapping[str, Any]], gpu_here: bool) -> dict:
         preset = "gpu" if gpu_here else "cpu"
     if preset not in PRESETS and preset != "none":
         raise ValueError(f"train.preset must be auto, gpu, cpu or none, got {preset!r}")
-    cfg = merged(_overlay(PRESETS.get(preset, {}), user))
+    # a key the user sets replaces the preset's whole value (arch: {depth: 20} is SphereFace-20 at the default
+    # width, not at the preset's); the defaults fill in the rest
+    base = {k: v for k, v in PRESETS.get(preset, {}).items() if k not in user}
+    cfg = merged({**copy.deepcopy(base), **copy.deepcopy(user)})
     cfg["preset"] = preset
     if preset != "none":
         cfg["name"] = f"{cfg['name']}-{preset}"

@@ -66,6 +66,7 @@ def _init(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:
         print(f"maskface worker {os.getpid()}: its initializer {getattr(initializer, '__qualname__', initializer)} "
               f"failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         raise
+    one_thread()      # again: the initializer may have imported torch, which took OMP_NUM_THREADS (the job's)
 
 
 def _call(fn: Callable[[Any], Any], index: int, task: Any) -> Any:

@@ -92,7 +92,9 @@ rule extract_features:
         f"{BENCH}/extract_features/{{model}}/{{dataset}}/{{variant}}.tsv"
     threads: EVAL.get("threads", 2)
     resources:
-        **gpu_resources(EVAL.get("device", "auto")),
+        # dlib's own run of the reference network never uses a GPU
+        **{**gpu_resources(EVAL.get("device", "auto")),
+           "gpu": lambda wc: 0 if _model_cfg(wc.model)["embedder"] == "dlib" else uses_gpu(EVAL.get("device", "auto"))},
         mem_mb=8192,
         runtime=240,
     script:

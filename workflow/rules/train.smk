@@ -8,23 +8,40 @@
 # The targets join `all` only once the workflow has rules producing the aligned (and, when needed, masked) crops.
 import re
 
+from snakemake.logging import logger
+
 from maskface.devices import gpu_device_count, gpu_reserved
 from maskface.train_config import cpu_training_refusal, run_names as _train_run_names, with_preset  # torch-free
 
 
 def _gpu_will_train():
-    """Where the training jobs run there is a GPU: this machine has one, the run was given one, or the jobs go
-    to a cluster (whose GPU partition the profile names). Decided by the main Snakemake process; a job that
-    parses the workflow again (on a cluster node) takes the same answer from the environment it inherited, so
-    that both plan the same run names."""
-    if workflow.is_main_process or PRESET_ENV not in os.environ:
-        os.environ[PRESET_ENV] = "gpu" if (gpu_device_count() > 0 or gpu_reserved() is not None
-                                           or not workflow.local_exec) else "cpu"
+    """Where the training jobs run there is a GPU: this machine has one, or the run was given one. A cluster
+    profile says so itself (profiles/slurm sets MASKFACE_TRAIN_PRESET_AUTO=gpu: the submit host has no GPU,
+    and which executor runs the jobs is not known while the workflow is parsed), as may the user. The answer
+    goes to the jobs in their environment (envvars below), so that a job that parses the workflow again on a
+    node plans the same run names as the main process."""
+    if PRESET_ENV not in os.environ:
+        os.environ[PRESET_ENV] = "gpu" if gpu_device_count() > 0 or gpu_reserved() is not None else "cpu"
+    if os.environ[PRESET_ENV] not in ("gpu", "cpu"):
+        raise WorkflowError(f"{PRESET_ENV}={os.environ[PRESET_ENV]!r}: expected gpu or cpu")
     return os.environ[PRESET_ENV] == "gpu"
 
 
 PRESET_ENV = "MASKFACE_TRAIN_PRESET_AUTO"
+if "mask_fraction" in USER_TRAIN and (USER_TRAIN.get("mask_fractions") or None) is not None:
+    raise WorkflowError(
+        f"train.mask_fraction ({USER_TRAIN['mask_fraction']}) is not used while train.mask_fractions is set "
+        f"({USER_TRAIN['mask_fractions']}, config.yaml sets [0.5, 0.0]): give train: {{mask_fractions: null}} "
+        f"beside it to train at mask_fraction, or list the fractions in mask_fractions")
 TRAIN = with_preset(USER_TRAIN, _gpu_will_train())
+if workflow.is_main_process and TRAIN["preset"] != "none":
+    logger.info(f"train.preset {USER_TRAIN.get('preset')}: {TRAIN['preset']} size "
+                f"(SphereFace-{TRAIN['arch']['depth']} width {TRAIN['arch']['width']}, {TRAIN['iterations']:,} "
+                f"iterations x {TRAIN['batch_size']}, folds {TRAIN['folds']}), runs {TRAIN['name']}-...")
+
+
+envvars:
+    PRESET_ENV,
 TRAIN_RUNS = _train_run_names(TRAIN)
 TRAIN_MASKED_FOR_TRAINING = any(r["mask_fraction"] > 0 for r in TRAIN_RUNS.values())
 TRAIN_LFW = TRAIN["protocol"] == "lfw_unrestricted"
@@ -88,7 +105,9 @@ def _train_spec(wc):
     spec = {"run": wc.run, "protocol": TRAIN["protocol"], "fold": run["fold"], "seed": run["seed"],
             "exclude_fold": run["fold"] if TRAIN_LFW else None,
             "pairs": pairs_manifest(_train_datasets()[0]) if TRAIN_LFW else None,
-            "sources": sources, "train": {**TRAIN, "mask_fraction": run["mask_fraction"]}}
+            # mask_fractions left out: adding a fraction must not rerun the runs already trained
+            "sources": sources, "train": {**{k: v for k, v in TRAIN.items() if k != "mask_fractions"},
+                                          "mask_fraction": run["mask_fraction"]}}
     return plain(spec)
 
 
