@@ -808,8 +808,9 @@ def summary_markdown(summary: Mapping[str, Any], title: str = "") -> str:
     groups = summary.get("groups")
     if groups:
         names = list(groups)
-        lines += [f" The groups differ only in their mask fraction (train.mask_fractions): the same folds, "
-                  f"seeds and schedule.", "", "| protocol | " + " | ".join(names) + " |",
+        lines[-1] += (" The groups differ only in their mask fraction (train.mask_fractions): the same folds, "
+                      "seeds and schedule.")
+        lines += ["", "| protocol | " + " | ".join(names) + " |",
                   "|---|" + "---:|" * len(names)]
         for proto in ("clean", "mixed", "masked"):
             cells = [groups[g]["protocols"].get(proto) for g in names]
