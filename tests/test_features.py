@@ -329,3 +329,28 @@ def test_torch_module_and_dlib_agree_through_the_embedders(lfw, tmp_path):
     assert meta["input"]["kind"] == "source_chip" and meta["input"]["height"] == 150 and meta["feature_dim"] == 128
     c = np.stack(embed_all(make_embedder("dlib-resnet", flip=True, checkpoint=str(ckpt)), ids, load, "clean").feature)
     np.testing.assert_allclose(c, a, atol=1e-5)
+
+
+@pytest.mark.lfw
+def test_chips_cut_in_workers_for_a_gpu_give_the_same_features(lfw):
+    """The GPU layout (workers cut the chips, this process runs the network), forced on the CPU: the same
+    features, in the same order, as one process doing both."""
+    from maskface.features import SourceLoader
+
+    ids = ["Aaron_Eckhart/Aaron_Eckhart_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0002.jpg",
+           "Zico/Zico_0001.jpg", "Zico/Zico_0002.jpg", "Colin_Powell/Colin_Powell_0001.jpg"]
+    load = SourceLoader(lfw / "images_deepfunneled", {i: None for i in ids})
+    emb = make_embedder("dlib-resnet", flip=True, device="cpu", batch_size=3)
+    one = embed_all(emb, ids, load, "clean", chunk=2)
+    split = embed_all(emb, ids, load, "clean", chunk=2, workers=2, chips_in_workers=True)
+    assert list(split.image_id) == ids and list(split.face) == list(one.face)
+    np.testing.assert_allclose(np.stack(one.feature), np.stack(split.feature), atol=1e-5)
+    from maskface import features as F
+
+    F._chip_worker_init(emb.cutter_settings(), load)         # what each worker does: the same chips as the embedder
+    try:
+        chips, faces = F._chip_worker_chunk(ids[:2])
+    finally:
+        F._WORKER.clear()
+    np.testing.assert_array_equal(chips, emb.chips([load(i) for i in ids[:2]]))
+    assert faces == ["fallback_center"] * 2

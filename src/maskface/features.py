@@ -201,6 +201,18 @@ class DlibChipEmbedder(Embedder):
             out[s:s + len(chips)] = self.describe_chips(chips)
         return out
 
+    def describe_chip_batches(self, chips: np.ndarray) -> np.ndarray:
+        """:meth:`describe_chips` of many chips, ``batch_size`` at a time."""
+        chips = np.asarray(chips)
+        out = np.zeros((len(chips), self.dim), dtype=np.float32)
+        for s in range(0, len(chips), self.batch_size):
+            out[s:s + self.batch_size] = self.describe_chips(chips[s:s + self.batch_size])
+        return out
+
+    def cutter_settings(self) -> dict:
+        """What a :class:`ChipCutter` needs to cut the same chips."""
+        return {"chip_size": self.chip_size, "padding": self.padding, "box_mapping": self.box_mapping}
+
     def describe_chips(self, chips: np.ndarray) -> np.ndarray:
         """Descriptors of 150x150 chips; with ``flip`` the mean of the chip's and its mirror image's."""
         desc = self.describe_chips_raw(chips)
@@ -218,6 +230,14 @@ class DlibChipEmbedder(Embedder):
                  box_mapping=list(self.box_mapping) if self.box_mapping else None,
                  predictor="shape_predictor_5_face_landmarks.dat")
         return d
+
+
+class ChipCutter(DlibChipEmbedder):
+    """The chip-cutting half of a dlib chip embedder (landmarks and ``get_face_chip``, no network): run in
+    worker processes that feed a GPU, whose network is far faster than one core cuts chips."""
+
+    def describe_chips_raw(self, chips: np.ndarray) -> np.ndarray:  # pragma: no cover - never called
+        raise NotImplementedError("a ChipCutter cuts chips only")
 
 
 @register_embedder
@@ -615,22 +635,42 @@ def _worker_chunk(ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     return emb.embed(items), [emb.face_source(f) for f in items]
 
 
+def _chip_worker_init(settings: dict, load: Callable[[str], FaceInput]) -> None:
+    _WORKER["cut"] = ChipCutter(**settings)
+    _WORKER["load"] = load
+
+
+def _chip_worker_chunk(ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    cut, load = _WORKER["cut"], _WORKER["load"]
+    items = [load(i) for i in ids]
+    return cut.chips(items), [cut.face_source(f) for f in items]
+
+
 def embed_all(embedder: Embedder, image_ids: Sequence[str], load: Callable[[str], FaceInput], variant: str,
               chunk: int = 256, progress: Optional[Callable[[int, int], None]] = None,
-              workers: int = 1) -> pd.DataFrame:
+              workers: int = 1, chips_in_workers: Optional[bool] = None) -> pd.DataFrame:
     """Embed images by id (``load(image_id) -> FaceInput``) in chunks; return a features frame.
 
     ``workers`` > 1: chunks go to that many worker processes (:mod:`maskface.workers`; each builds the embedder
     again from its ``spec``, so ``embedder`` must come from :func:`make_embedder` and ``load`` must be
     picklable, e.g. a :class:`SourceLoader`). For CPU-bound embedders that use one core each (dlib-resnet); the
-    features are the same as in one process, in the same order. SphereFace batches on its device and ignores it."""
+    features are the same as in one process, in the same order. SphereFace batches on its device and ignores it.
+
+    ``chips_in_workers`` (default: when a dlib chip embedder runs on a GPU): the workers only cut the chips and
+    this process runs the network on them, so that several cores feed one GPU."""
     from .workers import chunked, imap
 
     feats, faces = [], []
     chunks = chunked(image_ids, chunk)
     spec = getattr(embedder, "spec", None)
     done = 0
-    if workers > 1 and len(chunks) > 1 and spec is not None and embedder.input_kind == "source":
+    if chips_in_workers is None:
+        chips_in_workers = isinstance(embedder, DlibChipEmbedder) and getattr(embedder, "device", "cpu") != "cpu"
+    if workers > 1 and len(chunks) > 1 and chips_in_workers and isinstance(embedder, DlibChipEmbedder):
+        results = ((embedder.describe_chip_batches(chips), src) for chips, src in
+                   imap(_chip_worker_chunk, chunks, workers, initializer=_chip_worker_init,
+                        initargs=(embedder.cutter_settings(), load), what=f"chips ({embedder.name})"))
+    elif workers > 1 and len(chunks) > 1 and spec is not None and embedder.input_kind == "source":
         results = imap(_worker_chunk, chunks, workers, initializer=_worker_init, initargs=(spec, load),
                        what=f"features ({embedder.name})")
     else:

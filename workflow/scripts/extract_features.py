@@ -79,11 +79,10 @@ with logged(snakemake) as log:
         if lacking:  # e.g. faces the mask stage skipped: no feature, the protocol counts their pairs as errors
             log.warning("%d of %d images have no %s crop; they get no feature", len(lacking), len(ids), variant)
             ids = [i for i in ids if i in crops]
-    # source-image embedders on the CPU (chips are cut on one core) use one core per process: the job's threads
-    # become worker processes; on a GPU one process feeds it
-    cpu_source = emb.input_kind == "source" and getattr(emb, "device", "cpu") == "cpu"
+    # source-image embedders: the job's threads become worker processes, one core each (on the CPU each embeds
+    # its chunks; on a GPU they cut the chips and this process runs the network: embed_all)
     df = embed_all(emb, ids, load, variant, chunk=int(snakemake.params.chunk), progress=progress,
-                   workers=snakemake.threads if cpu_source else 1)
+                   workers=snakemake.threads if emb.input_kind == "source" else 1)
     log.info("%d features (%s): %s", len(df), emb.name, df["face"].value_counts().to_dict())
     used = [snakemake.input.aligned] + ([snakemake.input.masked] if "masked" in snakemake.input.keys() else [])
     prov = provenance("features", {"model": mcfg, "variant": variant, "mask": snakemake.params.mask}, used,
