@@ -464,6 +464,40 @@ def test_a_multi_gpu_run_asks_for_one_node_and_threads_and_memory_per_gpu(tmp_pa
     assert "nodes=1" in job and "gpu=4" in job and "mem_mb=40960" in job, job
 
 
+def test_a_multi_gpu_run_becomes_one_slurm_job_of_one_node_one_task_and_n_gpus(tmp_path):
+    """The planned train job's resources (train.gpus 4) through snakemake-executor-plugin-slurm's own
+    functions: sbatch asks for one node, 4 GPUs, the threads as cpus of one task (no --ntasks-per-gpu, which
+    would start the script once per GPU), and the job step's srun is one task that sees all 4 GPUs (torchrun
+    then starts the 4 ranks). Checked on the generated lines: the local test cluster declares no GPUs."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from snakemake_executor_plugin_slurm_jobstep import get_cpu_setting, get_gpu_setting, get_node_setting
+
+    out = _dry_run_training(tmp_path, {"folds": [1], "name": "t", "gpus": 4, "threads": 3, "device": "cuda"},
+                            cores=64)
+    job = out[out.index("rule train:"):]
+    job = job[:job.index("\n\n")]
+    threads = int(job.split("threads: ")[1].split()[0])
+    res = {}
+    for part in job.split("resources: ")[1].splitlines()[0].split(", "):
+        k, v = part.split("=", 1)
+        res[k] = int(v) if v.isdigit() else v
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    fake = SimpleNamespace(resources=Resources(res), threads=threads, name="train", wildcards={})
+    sbatch = get_submit_command(fake, {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "",
+                                       "partition": "", "workdir": str(tmp_path)}) + set_gres_string(fake)
+    assert "--nodes=1" in sbatch and "--cpus-per-task=12" in sbatch and "--gpus=4" in sbatch, sbatch
+    assert "--ntasks-per-gpu" not in sbatch and "--ntasks=" not in sbatch, sbatch     # one task: SLURM's default
+    srun = " ".join(["srun -n1", get_cpu_setting(fake, True), get_gpu_setting(fake), get_node_setting(fake)])
+    assert srun == "srun -n1 --cpus-per-task=12 --gpus=4 --nodes=1", srun
+
+
 def test_long_cpu_training_is_refused_before_any_job_with_the_estimate_and_the_way_out(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     if Path("/dev/nvidia0").exists():
