@@ -42,6 +42,8 @@ if workflow.is_main_process and TRAIN["preset"] != "none":
 
 envvars:
     PRESET_ENV,
+
+
 TRAIN_RUNS = _train_run_names(TRAIN)
 TRAIN_MASKED_FOR_TRAINING = any(r["mask_fraction"] > 0 for r in TRAIN_RUNS.values())
 TRAIN_LFW = TRAIN["protocol"] == "lfw_unrestricted"
