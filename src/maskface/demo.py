@@ -76,6 +76,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from .features import embedder_from_model   # the demo's embedders are the evaluation's models
 from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 
 log = logging.getLogger("maskface.demo")
@@ -177,19 +178,6 @@ def face_inputs(embedder, rgb: np.ndarray, boxes: np.ndarray, points: np.ndarray
         for b, p in zip(boxes, points):
             out.append(FaceInput(rgb, [float(v) for v in b[:4]], [float(v) for v in np.ravel(p)]))
     return out
-
-
-def embedder_from_model(mcfg: Mapping[str, Any], device: str = "auto"):
-    """An embedder from an ``evaluate.models`` entry ({embedder, checkpoint, options})."""
-    from .features import make_embedder
-    kwargs = dict(mcfg.get("options") or {})
-    if mcfg["embedder"] == "sphereface":
-        if not mcfg.get("checkpoint"):
-            raise ValueError("a sphereface model needs a checkpoint")
-        kwargs.update(checkpoint=mcfg["checkpoint"], device=device)
-    elif mcfg["embedder"] == "dlib-resnet":
-        kwargs.update(device=device, **({"checkpoint": mcfg["checkpoint"]} if mcfg.get("checkpoint") else {}))
-    return make_embedder(mcfg["embedder"], **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- gallery
@@ -483,7 +471,7 @@ def calibrate_on_lfw(images_root: str | os.PathLike, detector, embedder, far: fl
 # 0.832, 99th percentile 0.906). The two agree to the fourth digit, as their descriptors do (cosine >= 0.9999).
 # Used when no threshold is given; SphereFace has no such default.
 DLIB_RESNET_THRESHOLD = 0.9245
-DEFAULT_THRESHOLDS = {"dlib-resnet": DLIB_RESNET_THRESHOLD, "dlib": 0.9245}
+DEFAULT_THRESHOLDS = {"dlib-resnet": DLIB_RESNET_THRESHOLD, "dlib": DLIB_RESNET_THRESHOLD}
 
 
 def resolve_threshold(threshold: Optional[float], embedder, source: Optional[Mapping[str, Any]] = None

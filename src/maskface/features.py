@@ -86,6 +86,8 @@ class Embedder(ABC):
     """
     name: ClassVar[str] = ""
     input_kind: ClassVar[str] = "source"
+    uses_device: ClassVar[bool] = False         # takes a ``device`` (runs a torch network)
+    needs_checkpoint: ClassVar[bool] = False
     dim: int
     eval_settings: ProtocolSettings
 
@@ -106,6 +108,20 @@ class Embedder(ABC):
 
 
 EMBEDDERS: dict[str, type] = {}
+
+
+def embedder_from_model(mcfg: Mapping[str, Any], device: str = "auto", **extra):
+    """An embedder from an ``evaluate.models`` entry ({embedder, checkpoint, options}); ``device`` goes to the
+    embedders that run a torch network (``uses_device``); ``extra``: further keyword arguments."""
+    cls = EMBEDDERS.get(mcfg["embedder"])
+    kwargs = dict(mcfg.get("options") or {})
+    if cls is not None and cls.needs_checkpoint and not mcfg.get("checkpoint"):
+        raise ValueError(f"a {mcfg['embedder']} model needs a checkpoint")
+    if mcfg.get("checkpoint"):
+        kwargs["checkpoint"] = mcfg["checkpoint"]
+    if cls is not None and cls.uses_device:
+        kwargs["device"] = device
+    return make_embedder(mcfg["embedder"], **kwargs, **extra)
 
 
 def register_embedder(cls):
@@ -195,11 +211,7 @@ class DlibChipEmbedder(Embedder):
         return np.stack([self.chip(f) for f in faces]) if len(faces) else np.zeros((0, 150, 150, 3), np.uint8)
 
     def embed(self, faces: Sequence[FaceInput]) -> np.ndarray:
-        out = np.zeros((len(faces), self.dim), dtype=np.float32)
-        for s in range(0, len(faces), self.batch_size):
-            chips = self.chips(faces[s:s + self.batch_size])
-            out[s:s + len(chips)] = self.describe_chips(chips)
-        return out
+        return self.describe_chip_batches(self.chips(faces))
 
     def describe_chip_batches(self, chips: np.ndarray) -> np.ndarray:
         """:meth:`describe_chips` of many chips, ``batch_size`` at a time."""
@@ -272,6 +284,7 @@ class DlibResnetEmbedder(DlibChipEmbedder):
     dlib's own model file, or from a ``maskface-embedder/1`` checkpoint of it (``checkpoint``; see
     :func:`save_dlib_resnet_checkpoint`). Batched, on the CPU or a GPU; the same chips as ``dlib``."""
     name = "dlib-resnet"
+    uses_device = True
 
     def __init__(self, device: str = "auto", checkpoint: Optional[str | os.PathLike] = None,
                  model_file: Optional[str | os.PathLike] = None, num_jitters: int = 0, **kwargs):
@@ -534,6 +547,8 @@ def resolve_device(device: str = "auto", key: str = "evaluate.device") -> str:
 class SphereFaceEmbedder(Embedder):
     name = "sphereface"
     input_kind = "aligned"
+    uses_device = True
+    needs_checkpoint = True
 
     def __init__(self, checkpoint: str | os.PathLike, flip: str = "concat", device: str = "auto",
                  batch_size: int = 256, eval_settings: Optional[Mapping[str, Any]] = None):

@@ -78,13 +78,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _overlay(base: Mapping[str, Any], upd: Optional[Mapping[str, Any]]) -> dict:
-    out = copy.deepcopy(dict(base))
-    for k, v in (upd or {}).items():
-        out[k] = _overlay(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, Mapping) else copy.deepcopy(v)
-    return out
-
-
 def with_preset(user: Optional[Mapping[str, Any]], gpu_here: bool) -> dict:
     """The train config of a run: ``DEFAULTS``, then the preset, then what the user set (``user``: the train
     section as written, before the schema's defaults). ``preset: auto`` becomes ``gpu`` when a GPU will train
@@ -121,17 +114,15 @@ def run_names(cfg: Mapping[str, Any]) -> dict[str, dict]:
               else [(cfg["name"], float(cfg["mask_fraction"]))])
     if len({g for g, _ in groups}) != len(groups):
         raise ValueError(f"train.mask_fractions {fractions}: two fractions give the same run name")
+    if cfg["protocol"] not in ("lfw_unrestricted", "external"):
+        raise ValueError(f"train.protocol must be lfw_unrestricted or external, got {cfg['protocol']!r}")
+    folds = [int(k) for k in cfg["folds"]] if cfg["protocol"] == "lfw_unrestricted" else [None]
     out = {}
     for group, frac in groups:
         for s in cfg["seeds"]:
-            if cfg["protocol"] == "lfw_unrestricted":
-                for k in cfg["folds"]:
-                    out[f"{group}-fold{int(k)}-seed{int(s)}"] = {"fold": int(k), "seed": int(s),
-                                                                  "mask_fraction": frac, "group": group}
-            elif cfg["protocol"] == "external":
-                out[f"{group}-seed{int(s)}"] = {"fold": None, "seed": int(s), "mask_fraction": frac, "group": group}
-            else:
-                raise ValueError(f"train.protocol must be lfw_unrestricted or external, got {cfg['protocol']!r}")
+            for k in folds:
+                name = f"{group}-seed{int(s)}" if k is None else f"{group}-fold{k}-seed{int(s)}"
+                out[name] = {"fold": k, "seed": int(s), "mask_fraction": frac, "group": group}
     return out
 
 

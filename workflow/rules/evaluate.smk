@@ -46,15 +46,14 @@ def _extract_inputs(wc):
     inp = {"json": dataset_json(wc.dataset), "aligned": _aligned_manifest(wc.dataset)}
     if dataset_cfg(wc.dataset)["format"] == "lfw" and EVAL.get("lfw_images", "pairs") == "pairs":
         inp["pairs"] = pairs_manifest(wc.dataset)
+    # sphereface needs its model file; dlib-resnet may come from a checkpoint of the network (e.g. fine-tuned)
+    if mcfg["embedder"] == "sphereface" or mcfg.get("checkpoint"):
+        inp["checkpoint"] = mcfg["checkpoint"]
     if mcfg["embedder"] == "sphereface":
         inp["shards"] = (_aligned_shards(wc.dataset) if wc.variant == "clean" else
                          [f"{RESULTS}/masked/{wc.dataset}/shard-{s}.parquet" for s in range(config["align"]["shards"])])
-        inp["checkpoint"] = mcfg["checkpoint"]
-    else:
-        if mcfg.get("checkpoint"):      # dlib-resnet from a checkpoint of the network (e.g. fine-tuned)
-            inp["checkpoint"] = mcfg["checkpoint"]
-        if wc.variant == "masked":
-            inp["masked"] = f"{RESULTS}/manifests/{wc.dataset}/masked.parquet"
+    elif wc.variant == "masked":
+        inp["masked"] = f"{RESULTS}/manifests/{wc.dataset}/masked.parquet"
     return inp
 
 

@@ -12,7 +12,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from maskface.align import ALIGNED_STATUSES
-from maskface.features import FaceInput, SourceLoader, embed_all, make_embedder, masked_source_loader, write_features
+from maskface.features import (FaceInput, SourceLoader, embed_all, embedder_from_model, masked_source_loader,
+                               write_features)
 from maskface.devices import describe
 from maskface.imageio import decode_png
 from maskface.manifest import provenance
@@ -36,14 +37,8 @@ with logged(snakemake) as log:
             log.warning("%d pair images have no stage-1 crop or box (status not in %s), e.g. %s", len(lacking),
                         ALIGNED_STATUSES, sorted(lacking)[:3])
     usable = usable.sort_values("image_id")
-    kwargs = dict(mcfg.get("options") or {})
-    if mcfg["embedder"] in ("sphereface", "dlib-resnet"):
-        kwargs["device"] = snakemake.params.device
-    if mcfg.get("checkpoint"):
-        kwargs["checkpoint"] = mcfg["checkpoint"]
-    if mcfg.get("eval"):
-        kwargs["eval_settings"] = mcfg["eval"]
-    emb = make_embedder(mcfg["embedder"], **kwargs)
+    emb = embedder_from_model(mcfg, snakemake.params.device,
+                              **({"eval_settings": mcfg["eval"]} if mcfg.get("eval") else {}))
     log.info("%s: %s", emb.name, describe(getattr(emb, "device", "cpu")))
     ids = usable["image_id"].tolist()
     if emb.input_kind == "source" and variant == "masked":
