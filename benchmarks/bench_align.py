@@ -85,7 +85,7 @@ def pipeline(files: list[Path], imgs: Path, workers: int, **cfg) -> dict:
     recs = align_items(items, conf, "center", progress=False)
     dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
     ok = sum(r["status"] == "ok" for r in recs)
-    return dict(_rates(len(files), dt, dc), detected=int(ok), workers=workers, config=conf.result_subset(),
+    return dict(_rates(len(files), dt, dc), detected=int(ok), workers=workers, config=conf.result_params(),
                 fallbacks=sum(r["status"] == "center_crop" for r in recs))
 
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--baseline-threads", type=int, default=0,
-                    help="torch threads of the baseline (0: torch's default, as the issue specifies)")
+                    help="torch threads of the baseline (0: torch's default, as facenet-pytorch runs out of the box)")
     ap.add_argument("--also-1thread", action="store_true", help="also time the baseline with 1 torch thread")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)

@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO / "src"))
 import pandas as pd  # noqa: E402
 
 from maskface import demo as D  # noqa: E402
-from maskface.manifest import write_json  # noqa: E402
+from maskface.evaluate import metrics_markdown, open_set_metrics  # noqa: E402
+from maskface.fileio import read_json, write_json  # noqa: E402
 from maskface.testvideo import build_test_video  # noqa: E402
 
 
@@ -40,6 +41,7 @@ def main() -> int:
     ap.add_argument("--height", type=int, default=240)
     ap.add_argument("--n-known", type=int, default=4)
     ap.add_argument("--n-unknown", type=int, default=4)
+    ap.add_argument("--appearance-s", type=float, default=1.5, help="seconds one appearance lasts")
     ap.add_argument("--masked", type=float, default=0.5, help="share of masked appearances")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=None, help="cosine (default: the embedder's measured one)")
@@ -56,11 +58,11 @@ def main() -> int:
     tv = out / "testvideo"
     t0 = time.perf_counter()
     if args.reuse and (tv / "spec.json").exists():
-        doc = json.loads((tv / "spec.json").read_text())
+        doc = read_json(tv / "spec.json")
     else:
         doc = build_test_video(Path(args.lfw) / "images_deepfunneled", tv, dict(
             seconds=args.seconds, fps=args.fps, width=args.width, height=args.height, n_known=args.n_known,
-            n_unknown=args.n_unknown, masked_fraction=args.masked, seed=args.seed))
+            n_unknown=args.n_unknown, appearance_s=args.appearance_s, masked_fraction=args.masked, seed=args.seed))
     t_build = time.perf_counter() - t0
     cfg = D.DemoConfig(threshold=args.threshold, batch_size=args.batch_size)
     rows = []
@@ -69,8 +71,8 @@ def main() -> int:
         summary = D.run_demo(tv / "video.mp4", tv / "gallery", run / "run", cfg, model={"embedder": name},
                              progress=False)
         det = pd.read_parquet(run / "run" / "detections.parquet")
-        res = D.open_set_metrics(det, pd.read_parquet(tv / "ground_truth.parquet"), summary["threshold"],
-                                 frames=summary["frames"])
+        res = open_set_metrics(det, pd.read_parquet(tv / "ground_truth.parquet"), summary["threshold"],
+                               frames=summary["frames"])
         bench = {
             "embedder": name,
             "video": {"frames": summary["frames"], "size": [summary["video"]["width"], summary["video"]["height"]],
@@ -86,7 +88,7 @@ def main() -> int:
         write_json(res, run / "run" / "metrics.json")
         write_json(bench, run / "bench.json")
         print(json.dumps(bench, indent=1, default=str))
-        print(D.metrics_markdown(res))
+        print(metrics_markdown(res))
         rows.append((name, summary["fps"], summary["seconds"].get("embed")))
     first = rows[0][1]
     print("; ".join(f"{n}: {fps:.2f} frames/s, embedding {emb} s, {fps / first:.2f}x" for n, fps, emb in rows))

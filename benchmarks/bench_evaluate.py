@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from maskface.datasets import parse_pairs
 from maskface.evaluate import FeatureTable, ProtocolSettings, lfw_protocols
 from maskface.features import features_frame, write_features
 
@@ -26,7 +27,7 @@ def synthetic(dim: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     fold = np.repeat(np.arange(1, 11), 600)
     same = np.tile(np.r_[np.ones(300, bool), np.zeros(300, bool)], 10)
-    rows, feats = [], {}
+    rows = []
     for i, s in enumerate(same):
         a = f"p{i}/p{i}_0001.jpg"
         b = f"p{i}/p{i}_0002.jpg" if s else f"q{i}/q{i}_0001.jpg"
@@ -66,7 +67,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         if args.features:
             p = args.pairs
-            pairs = pd.read_parquet(p) if p.endswith(".parquet") else __import__("maskface.datasets").datasets.parse_pairs(p)
+            pairs = pd.read_parquet(p) if p.endswith(".parquet") else parse_pairs(p)
             cases.append((args.features, pairs))
         else:
             for dim in (128, 512, 1024):

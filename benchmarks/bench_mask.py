@@ -9,7 +9,7 @@ aligned here with maskface.align first (slow: ~15 photos/s).
 Acceptance numbers (the stage's own code path, maskface.mask.stage.process_items, mask config defaults):
 masked share with skips by reason; coverage of the 112x96 crop per wear; from each masked face's landmarks,
 whether the mask polygon (rebuilt from the image's deterministic draws) contains the nose tip (0-based 30 =
-issue's 31), mouth corners (48/54 = 49/55) and chin (8 = 9), and the same read off the occlusion map for
+1-based 31), mouth corners (48/54 = 49/55) and chin (8 = 9), and the same read off the occlusion map for
 points inside the crop; a second run compared byte for byte, and a run with another seed.
 
 Speed, one process, one thread (OpenCV and torch limited to one), CPU time (``time.process_time``) so that
@@ -42,9 +42,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from maskface.fileio import write_text  # noqa: E402
+from maskface.mask import face as F  # noqa: E402
 from maskface.mask import landmarks as L  # noqa: E402
 from maskface.mask import render as R  # noqa: E402
 from maskface.mask import stage as S  # noqa: E402
+from maskface.mask import style as ST  # noqa: E402
+from maskface.mask.config import MaskConfig  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ the faces
@@ -97,7 +101,7 @@ def _inside(poly, p) -> bool:
     return cv2.pointPolygonTest(poly.astype(np.float32).reshape(-1, 1, 2), (float(p[0]), float(p[1])), False) >= 0
 
 
-def acceptance(items: list[dict], cfg: S.MaskConfig) -> dict:
+def acceptance(items: list[dict], cfg: MaskConfig) -> dict:
     t0 = time.perf_counter()
     recs = S.process_items(items, cfg)
     dt = time.perf_counter() - t0
@@ -113,7 +117,7 @@ def acceptance(items: list[dict], cfg: S.MaskConfig) -> dict:
         if r["status"] != "ok":
             continue
         lm = np.asarray(r["landmarks68"], np.float64).reshape(68, 2)
-        st = S.draw_style(S.image_rng(cfg, r["image_id"]), cfg)
+        st = ST.draw_style(ST.image_rng(cfg, r["image_id"]), cfg)
         geo = R.build_geometry(R.FaceFrame(lm), st.mask_type, st.wear, st.params["jitter"])
         good = all(_inside(geo.outline, lm[i]) == v for i, v in want[r["wear"]].items())
         poly_ok[r["wear"]][0] += good
@@ -127,7 +131,7 @@ def acceptance(items: list[dict], cfg: S.MaskConfig) -> dict:
         pix_ok[r["wear"]][1] += 1
     again = S.process_items(items, cfg)
     same = all(a["png"] == b["png"] and a["occlusion"] == b["occlusion"] for a, b in zip(recs, again))
-    other = S.process_items(items, S.MaskConfig.from_mapping({**cfg.result_subset(), "seed": cfg.seed + 1}))
+    other = S.process_items(items, MaskConfig.from_mapping({**cfg.result_params(), "seed": cfg.seed + 1}))
     n_both = sum(1 for a, b in zip(recs, other) if a["png"] and b["png"])
     changed = sum(1 for a, b in zip(recs, other) if a["png"] and b["png"] and a["png"] != b["png"])
     reasons = {}
@@ -199,21 +203,21 @@ def baseline_mask(crop: np.ndarray) -> np.ndarray | None:
 
 # ------------------------------------------------------------------------------------------------ speed
 
-def speed(items: list[dict], cfg: S.MaskConfig, block: int = 0, rounds: int = 1) -> dict:
-    S.limit_threads()
+def speed(items: list[dict], cfg: MaskConfig, block: int = 0, rounds: int = 1) -> dict:
+    F.limit_threads()
     block = block or cfg.batch          # the stage's own batch (landmarks are predicted batch by batch)
     crops = [S.decode_crop(it["png"]) for it in items]
-    t5 = S.template_points("sphereface_112x96", (112, 96))
+    t5 = F.template_points("sphereface_112x96", (112, 96))
     box = L.face_box_from_points5(t5)
     acc = {k: [0.0, 0.0, 0] for k in ("ours_core", "ours_e2e", "base_core", "base_e2e")}
     base_found = 0
 
     def ours_core(idx):
         imgs = np.stack([crops[i] for i in idx])
-        lms = S.landmark_crops(imgs, box, cfg)
+        lms = F.landmark_crops(imgs, box, cfg)
         stats = R.image_stats_batch(imgs)
         for i, lm, st in zip(idx, lms, stats):
-            rec = S._blank(items[i]["image_id"], "", 0, cfg)
+            rec = F.empty_record(items[i]["image_id"], "", 0, cfg.seed)
             S.mask_one(crops[i], lm, items[i]["image_id"], cfg, rec, template5=t5, stats=st)
 
     def ours_e2e(idx):
@@ -263,15 +267,15 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-acceptance", action="store_true")
     ap.add_argument("--json", help="write all numbers here")
     args = ap.parse_args(argv)
-    S.limit_threads()
+    F.limit_threads()
     items = aligned_items(args.aligned, args.n, args.order) if glob.glob(args.aligned) else []
     src = f"aligned shards {args.aligned} (first {args.n} by {args.order})"
     if not items:
         src = "LFW photos aligned here with maskface.align"
         items = align_here(args.n)
     print(f"{len(items)} faces from {src}")
-    cfg = S.MaskConfig()
-    res: dict = {"source": src, "config": cfg.result_subset()}
+    cfg = MaskConfig()
+    res: dict = {"source": src, "config": cfg.result_params()}
     if not args.skip_acceptance:
         acc = acceptance(items, cfg)
         res["acceptance"] = acc
@@ -297,8 +301,7 @@ def main(argv=None) -> int:
     print(f"ratio ours/MaskTheFace-way: core {sp['ratio_core']:.1f}x, end-to-end {sp['ratio_e2e']:.1f}x; "
           f"baseline detector found {sp['baseline_detector_found']} faces")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str, sort_keys=True) + "\n")
+        write_text(json.dumps(res, indent=1, default=str, sort_keys=True) + "\n", args.json)
     return 0
 
 

@@ -10,7 +10,7 @@ Measures, each after ``--warmup`` steps, the mean over ``--steps`` timed steps (
   cross-entropy, backward, SGD step) on a batch already on the device, in each precision mode:
   ``fp32`` (contiguous NCHW) and ``bf16+channels_last`` (autocast bf16 for the network, fp32 head);
   on CUDA also ``bf16+channels_last+compile`` with ``--compile``.
-* ``loader``: the training loader alone (maskface.train.BatchStream: memory-mapped uint8 cache gather in a
+* ``loader``: the training loader alone (maskface.train_data.BatchStream: memory-mapped uint8 cache gather in a
   prefetch thread, pinned on CUDA, host->device copy, flip and normalisation on the device): img/s it can
   deliver; it must exceed the model's img/s for decoding/loading never to starve the GPU.
   Real crops with ``--cache NPY INDEX``; otherwise a synthetic cache of ``--images`` crops is built
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -34,9 +33,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from maskface.fileio import write_json
 from maskface.imageio import encode_png
 from maskface.models import make_head, preprocess, sphereface_net
-from maskface.train import BatchStream, StreamSampler, TrainData, TrainModule, build_cache, open_cache
+from maskface.train import TrainModule
+from maskface.train_data import BatchStream, StreamSampler, TrainData, build_cache, open_cache
 
 
 def sync(device: torch.device) -> None:
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
             out["loader"].append(r)
     print(json.dumps(out, indent=2))
     if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=2))
+        write_json(out, a.out)
     return 0
 
 

@@ -40,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "src"))
 
+from maskface.fileio import write_json, write_text  # noqa: E402 - after the path set-up
+
 
 def step(results: dict, name: str):
     """Decorator: run the step, record its result or its error and its wall time."""
@@ -354,8 +356,8 @@ def main(argv=None) -> int:
     step(res, "reference_network")(lambda: reference(device, crops, Path(a.lfw), a.dry))
     step(res, "ddp_2_ranks")(lambda: ddp(device, a.dry))
     res["total_s"] = time.perf_counter() - t0
-    (out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str))
-    (out / "gpu_check.md").write_text(markdown(res))
+    write_json(res, out / "gpu_check.json")
+    write_text(markdown(res), out / "gpu_check.md")
     print(markdown(res))
     return 0 if all(r.get("ok") for r in res.values() if isinstance(r, dict) and "ok" in r) else 1
 

@@ -1,4 +1,5 @@
-"""Stage 1 (maskface.align) without real faces: geometry, selection, shards, bad inputs, merge, CLI.
+"""Stage 1 (maskface.align, maskface.shards) without real faces: geometry, selection, shards, bad inputs, merge,
+CLI.
 
 Real-face tests (detector parity with facenet-pytorch, the rotated/scaled face, the pipeline on LFW) are in
 test_align_lfw.py and skip when LFW is absent.
@@ -13,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from maskface import align as A
+from maskface import shards as S
 from maskface.imageio import decode_png
-from maskface.manifest import write_table
 from maskface.testing import BAD_INPUTS, write_bad_inputs
 
 
@@ -105,10 +106,10 @@ def test_select_face_center_vs_largest():
         A.select_face(boxes, (h, w), "nearest")
 
 
-def test_selection_auto_follows_dataset_format():
+def test_select_auto_follows_dataset_format():
     cfg = A.AlignConfig()
-    assert cfg.selection("lfw") == "center" and cfg.selection("imagefolder") == "largest"
-    assert A.AlignConfig(select="largest").selection("lfw") == "largest"
+    assert cfg.select_for("lfw") == "center" and cfg.select_for("imagefolder") == "largest"
+    assert A.AlignConfig(select="largest").select_for("lfw") == "largest"
 
 
 def test_config_defaults_are_spherefaces_and_validated():
@@ -118,27 +119,30 @@ def test_config_defaults_are_spherefaces_and_validated():
     assert cfg.resolved_batch("cpu") == 8 and cfg.resolved_batch("cuda") == 64
     assert A.AlignConfig.from_mapping({"threads": 3}).workers == 3
     for bad in ({"template": "x"}, {"factor": 1.2}, {"thresholds": [0.5, 0.5]}, {"on_no_face": "drop"},
-                {"select": "first"}, {"device": "tpu"}, {"min_face_size": 2}):
+                {"select": "first"}, {"device": "tpu"}, {"min_face_size": 2}, {"shards": 0}):
         with pytest.raises(ValueError):
             A.AlignConfig.from_mapping(bad)
-    # the rule's params: only result-affecting keys
-    assert set(cfg.result_subset()) == set(A.DEFAULTS)
+    # the rule's params: only result-affecting keys, as builtin types
+    assert cfg.result_params() == {"template": "sphereface_112x96", "min_face_size": 20,
+                                   "thresholds": [0.6, 0.7, 0.9], "factor": 0.85, "select": "auto",
+                                   "on_no_face": "center_crop", "shards": 8}
+    assert A.AlignConfig.defaults()["workers"] == 2 and A.AlignConfig.defaults()["device"] == "auto"
 
 
 # ------------------------------------------------------------------------------------------------- shards
 
 def test_shard_assignment_is_deterministic_stable_and_balanced():
     ids = [f"Person_{i % 997}/Person_{i % 997}_{i:04d}.jpg" for i in range(8000)]
-    s1 = [A.shard_of(i, 8) for i in ids]
-    assert s1 == [A.shard_of(i, 8) for i in reversed(ids)][::-1]      # independent of order
+    s1 = [S.shard_of(i, 8) for i in ids]
+    assert s1 == [S.shard_of(i, 8) for i in reversed(ids)][::-1]      # independent of order
     counts = np.bincount(s1, minlength=8)
     assert counts.min() > 0.85 * 1000 and counts.max() < 1.15 * 1000
     # known values: a change of the hash would silently reshuffle every dataset
-    assert [A.shard_of("Aaron_Eckhart/Aaron_Eckhart_0001.jpg", n) for n in (1, 2, 8)] == \
+    assert [S.shard_of("Aaron_Eckhart/Aaron_Eckhart_0001.jpg", n) for n in (1, 2, 8)] == \
         [0, int(__import__("hashlib").sha1(b"Aaron_Eckhart/Aaron_Eckhart_0001.jpg").hexdigest()[:8], 16) % 2,
          int(__import__("hashlib").sha1(b"Aaron_Eckhart/Aaron_Eckhart_0001.jpg").hexdigest()[:8], 16) % 8]
     raw = pd.DataFrame({"image_id": ids})
-    parts = [A.shard_rows(raw, s, 8) for s in range(8)]
+    parts = [S.shard_rows(raw, s, 8) for s in range(8)]
     assert sum(len(p) for p in parts) == len(raw)
     assert set().union(*[set(p["image_id"]) for p in parts]) == set(ids)
 
@@ -199,9 +203,9 @@ def test_shard_carries_raw_failures_and_merge_accounts_for_every_row(bad_folder,
         recs = A.align_shard(raw, root, "lfw", cfg, s, shards, progress=False)
         assert {r["shard"] for r in recs} <= {s}
         p = tmp_path / f"shard-{s}.parquet"
-        write_table(A.records_frame(recs, with_png=True), p, {"stage": "test"})
+        S.write_shard(recs, A.SHARD_SCHEMA, p, {"stage": "test"})
         paths.append(p)
-    merged = A.merge_shards(paths, raw)
+    merged = _merge(paths, raw)
     assert sorted(merged["image_id"]) == sorted(raw["image_id"])
     assert list(merged.columns) == A.MANIFEST_COLUMNS
     st = dict(zip(raw["image_id"], raw["status"]))
@@ -213,17 +217,36 @@ def test_shard_carries_raw_failures_and_merge_accounts_for_every_row(bad_folder,
     # crops are readable by image_id, exactly those with an aligned status
     crops = {}
     for p in paths:
-        crops.update(A.read_crops(p))
+        crops.update(S.read_crops(p))
     assert set(crops) == set(merged.loc[merged["status"].isin(A.ALIGNED_STATUSES), "image_id"])
     assert pq.read_schema(paths[0]).field("png").type == "binary"
     # a lost shard or a duplicated one is an error, not a silent loss
     nonempty = [p for p in paths if pq.read_metadata(p).num_rows]
-    with pytest.raises(ValueError, match="missing"):
-        A.merge_shards([p for p in paths if p != nonempty[0]], raw)
-    with pytest.raises(ValueError, match="more than one shard"):
-        A.merge_shards(paths + nonempty[:1], raw)
+    with pytest.raises(ValueError, match="aligned manifest does not match the raw manifest: [1-9][0-9]* missing"):
+        _merge([p for p in paths if p != nonempty[0]], raw)
+    with pytest.raises(ValueError, match="more than one shard of the aligned manifest"):
+        _merge(paths + nonempty[:1], raw)
+    with pytest.raises(ValueError, match="0 missing .* 1 unexpected"):
+        _merge(paths, raw.iloc[1:])
     s = A.summarize(merged)
     assert s["rows"] == len(raw) and s["faces_found"] == 0 and s["fallbacks"] == s["decoded_images"]
+
+
+def _merge(paths, raw):
+    return S.merge_shards(paths, A.MANIFEST_SCHEMA, raw["image_id"], what="aligned manifest", against="raw manifest")
+
+
+def test_merge_of_no_shards_and_shard_rows_by_column(tmp_path):
+    empty = S.merge_shards([], A.MANIFEST_SCHEMA)
+    assert list(empty.columns) == A.MANIFEST_COLUMNS and len(empty) == 0
+    recs = [A.empty_record(f"X/{k}.jpg", "X", "no_face", "r", "sphereface_112x96", 0) for k in (2, 1)]
+    recs[0]["png"] = b"png-bytes"
+    p = tmp_path / "shard-0.parquet"
+    S.write_shard(recs, A.SHARD_SCHEMA, p)
+    assert S.read_rows(p, ["image_id", "png", "not_a_column"]) == [{"image_id": "X/2.jpg", "png": b"png-bytes"},
+                                                                  {"image_id": "X/1.jpg", "png": None}]
+    assert S.read_crops(p) == {"X/2.jpg": b"png-bytes"} and S.read_crops(p, ["X/1.jpg"]) == {}
+    assert list(S.merge_shards([p], A.MANIFEST_SCHEMA, ["X/1.jpg", "X/2.jpg"])["image_id"]) == ["X/1.jpg", "X/2.jpg"]
 
 
 def test_shard_out_of_range():

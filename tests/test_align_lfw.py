@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from maskface import align as A
+from maskface import mtcnn
+from maskface import shards as S
 from maskface.imageio import decode_png, load_rgb
-from maskface.manifest import write_table
 
 
 # frontal, single-subject LFW images (deep-funneled), and one with several faces
@@ -36,7 +37,8 @@ def lfw_images(lfw) -> Path:
 def detector():
     import torch
     torch.set_num_threads(1)
-    return A.Detector(20, (0.6, 0.7, 0.9), 0.85, "cpu")
+    assert A.Detector is mtcnn.Detector          # maskface.align re-exports the detector
+    return mtcnn.Detector(20, (0.6, 0.7, 0.9), 0.85, "cpu")
 
 
 def test_detector_matches_facenet_pytorch(lfw_images, detector):
@@ -142,8 +144,8 @@ def test_fidelity_report_on_lfw(lfw_images, tmp_path):
     cfg = A.AlignConfig.from_mapping({"device": "cpu", "workers": 1})
     recs = A.align_shard(raw, lfw_images, "lfw", cfg, 0, 1, progress=False)
     p = tmp_path / "shard-0.parquet"
-    write_table(A.records_frame(recs, True), p)
-    man = A.merge_shards([p], raw)
+    S.write_shard(recs, A.SHARD_SCHEMA, p)
+    man = S.merge_shards([p], A.MANIFEST_SCHEMA, raw["image_id"])
     rep = A.fidelity_report(man, [p], cfg, sample=4)
     assert rep["transformed"]["n"] == 4 and rep["redetected"]["sample"] == 4
     assert rep["redetected"]["redetected"] == 4

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from maskface.datasets import (DatasetError, acquire, check_pairs, find_images_root, fingerprint, parse_pairs,
-                               scan)
+from maskface.datasets import (DatasetError, acquire, check_pairs, find_images_root, fingerprint, lfw_people,
+                               parse_pairs, scan)
 from maskface.testing import BAD_INPUTS, write_bad_inputs
 
 
@@ -104,6 +104,20 @@ def test_find_images_root_descends_single_folders(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ pairs
+
+def test_lfw_people_lists_each_persons_images(tmp_path):
+    images = _tiny_lfw(tmp_path) / "images"
+    (images / "Empty_E").mkdir()
+    (images / "Dan_D" / "notes.txt").write_text("not an image")
+    people = lfw_people(images)
+    assert list(people) == ["Alice_A", "Bob_B", "Carol_C", "Dan_D"]      # a folder without images is left out
+    assert people["Alice_A"] == [f"Alice_A/Alice_A_{i:04d}.jpg" for i in (1, 2, 3)] and people["Dan_D"] == [
+        "Dan_D/Dan_D_0001.jpg"]
+    with pytest.raises(FileNotFoundError, match="not found"):
+        lfw_people(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no person folders"):
+        lfw_people(images / "Empty_E")
+
 
 def test_parse_pairs_real_shape(tmp_path):
     root = _tiny_lfw(tmp_path)

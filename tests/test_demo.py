@@ -18,8 +18,10 @@ import pandas as pd
 import pytest
 
 from maskface import demo as D
+from maskface.evaluate import open_set_metrics
 from maskface.testing import write_bad_inputs
-from maskface.testvideo import VideoSpec, build_test_video, mask_api, plan_appearances
+from maskface.mask.api import MaskFailed, wearing_masker
+from maskface.testvideo import VideoSpec, build_test_video, plan_appearances
 
 REPO = Path(__file__).resolve().parents[1]
 # dlib-resnet's cosine threshold at LFW FAR 1e-3, measured with maskface.demo.calibrate_on_lfw (400 people,
@@ -169,48 +171,16 @@ def test_threshold_from_evaluation_features(tmp_path):
     assert r["n_impostor"] == 1560 and r["far_achieved"] <= 0.01 and r["tar"] > 0.8
 
 
-def _gt_row(frame, app, ident, known, masked, box):
-    return {"frame": frame, "appearance": app, "lane": 0, "identity": ident, "known": known, "masked": masked,
-            "image_id": f"{ident}/x.jpg", "bbox": list(map(float, box)), "tile": list(map(float, box))}
-
-
-def _det_row(frame, box, best, score, thr):
-    return {"frame": frame, "time_s": frame / 8, "face": 0, "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3],
-            "det_score": 0.99, "identity": best if score >= thr else D.UNKNOWN, "best_identity": best,
-            "score": score, "known": score >= thr}
-
-
-def test_open_set_metrics_by_hand():
-    A, B = (0, 0, 40, 50), (100, 0, 140, 50)
-    gt = pd.DataFrame([
-        _gt_row(0, 0, "Ann", True, False, A),     # right, accepted            -> identified
-        _gt_row(1, 0, "Ann", True, False, A),     # right, below threshold     -> rejected
-        _gt_row(2, 1, "Ann", True, True, A),      # wrong name above threshold -> misidentified (masked)
-        _gt_row(3, 1, "Ann", True, True, A),      # not detected (masked)
-        _gt_row(0, 2, "Zed", False, False, B),    # unknown accepted           -> false alarm
-        _gt_row(1, 2, "Zed", False, False, B),    # unknown rejected
-        _gt_row(2, 3, "Yan", False, True, B),     # unknown not detected
-    ])
-    t = 0.8
-    det = pd.DataFrame([
-        _det_row(0, (2, 1, 41, 52), "Ann", 0.9, t), _det_row(1, A, "Ann", 0.7, t), _det_row(2, A, "Bob", 0.95, t),
-        _det_row(0, (101, 0, 139, 49), "Bob", 0.85, t), _det_row(1, B, "Bob", 0.5, t),
-        _det_row(3, (200, 200, 240, 250), "Bob", 0.99, t),   # matches no true face
-    ])
-    r = D.open_set_metrics(det, gt, t)
-    a, c, m = (r["at_threshold"][k] for k in ("all", "clean", "masked"))
-    assert a["known_faces"] == 4 and a["dir"] == 0.25 and a["known_detected"] == 0.75 and a["rank1"] == 0.5
-    assert a["misidentified"] == 0.25 and a["known_rejected"] == 0.25
-    assert a["unknown_faces"] == 3 and a["far"] == pytest.approx(1 / 3)
-    assert c["dir"] == 0.5 and c["far"] == 0.5 and m["dir"] == 0.0 and m["far"] == 0.0
-    assert r["unmatched_detections"] == 1 and r["unmatched_accepted"] == 1
-    sweep = {s["threshold"]: s for s in r["sweep"]}
-    assert sweep[0.0]["all_dir"] == 0.5 and sweep[0.0]["all_far"] == pytest.approx(2 / 3)
-    assert sweep[1.0]["all_dir"] == 0.0 and sweep[1.0]["all_far"] == 0.0
-    assert r["appearances"]["all"]["known_appearances"] == 2
-    assert "| clean |" in D.metrics_markdown(r)
-    first2 = D.open_set_metrics(det, gt, t, frames=2)["at_threshold"]["all"]   # a run cut after 2 frames
-    assert first2["known_faces"] == 2 and first2["unknown_faces"] == 2 and first2["dir"] == 0.5
+def test_settings_from_the_config_section():
+    cfg = D.DemoConfig.from_mapping({"det_thresholds": [0.5, 0.6, 0.7], "threads": 2, "far": 1e-3},
+                                    threshold=0.9, device=None)
+    assert cfg.det_thresholds == (0.5, 0.6, 0.7) and cfg.threshold == 0.9 and cfg.device == "auto"
+    assert "device" not in cfg.result_params() and cfg.result_params()["det_thresholds"] == [0.5, 0.6, 0.7]
+    with pytest.raises(ValueError, match="gallery_no_face"):
+        D.DemoConfig.from_mapping({"gallery_no_face": "ignore"})
+    assert VideoSpec.from_mapping({"seconds": 2, "mask_wear": None}, strict=True).mask_wear is None
+    with pytest.raises(ValueError, match="unknown settings"):
+        VideoSpec.from_mapping({"seconds": 2, "colour": "red"}, strict=True)
 
 
 def test_test_video_plan_alternates_known_unknown_and_masks():
@@ -270,7 +240,7 @@ def small_run(lfw, tmp_path_factory):
     summary = D.run_demo(root / "tv" / "video.mp4", root / "tv" / "gallery", root / "out", cfg, progress=False)
     det = pd.read_parquet(root / "out" / "detections.parquet")
     gt = pd.read_parquet(root / "tv" / "ground_truth.parquet")
-    return root, doc, summary, det, gt, D.open_set_metrics(det, gt, DLIB_THRESHOLD)
+    return root, doc, summary, det, gt, open_set_metrics(det, gt, DLIB_THRESHOLD)
 
 
 def test_test_video_and_ground_truth(small_run, lfw):
@@ -339,25 +309,17 @@ def test_open_set_rates_on_masked_probes(small_run):
 
 
 def test_masked_probes_are_never_faked(lfw, tmp_path):
-    fn, why = mask_api()
-    if fn is None:
-        with pytest.raises(RuntimeError, match="unavailable"):
-            build_test_video(lfw / "images_deepfunneled", tmp_path / "tv", dict(SMALL, seconds=1),
-                             require_masks=True)
-    else:
-        from maskface.imageio import load_rgb
-        from maskface.testvideo import MaskFailed
-        rgb = load_rgb(lfw / "images_deepfunneled" / "Tony_Blair" / "Tony_Blair_0002.jpg")
-        assert not np.array_equal(fn(rgb, 0, "Tony_Blair/Tony_Blair_0002.jpg"), rgb)
-        with pytest.raises(MaskFailed):    # nothing to mask: an error, never the photo passed off as masked
-            fn(np.full((200, 200, 3), 120, np.uint8), 0, "blank")
+    from maskface.imageio import load_rgb
+
+    fn = wearing_masker()
+    rgb = load_rgb(lfw / "images_deepfunneled" / "Tony_Blair" / "Tony_Blair_0002.jpg")
+    assert not np.array_equal(fn(rgb, 0, "Tony_Blair/Tony_Blair_0002.jpg"), rgb)
+    with pytest.raises(MaskFailed):    # nothing to mask: an error, never the photo passed off as masked
+        fn(np.full((200, 200, 3), 120, np.uint8), 0, "blank")
 
 
 def test_masked_gallery(small_run):
     root, doc, *_ = small_run
-    fn, why = mask_api()
-    if fn is None:
-        pytest.skip(f"masked gallery needs the mask stage: {why}")
     det = D.make_detector(D.DemoConfig(device="cpu"))
     emb = D.embedder_from_model({"embedder": "dlib-resnet"})
     clean = D.load_gallery(root / "tv" / "gallery", det, emb)

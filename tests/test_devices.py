@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maskface import devices
-from maskface.devices import RESERVING_VARIABLES, DeviceError, describe, gpu_reserved, resolve
+from maskface.devices import RESERVING_VARIABLES, DeviceError, describe, gpu_reserved, resolve_device
 
 
 @pytest.fixture()
@@ -19,12 +19,12 @@ def no_cuda(monkeypatch):
 
 
 def test_auto_is_the_cpu_when_no_gpu_was_given(no_cuda, monkeypatch):
-    assert resolve("auto", "train.device") == "cpu"
-    assert resolve("cpu", "train.device") == "cpu"
+    assert resolve_device("auto", "train.device") == "cpu"
+    assert resolve_device("cpu", "train.device") == "cpu"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")        # every GPU hidden on purpose: the CPU
-    assert resolve("auto", "train.device") == "cpu"
+    assert resolve_device("auto", "train.device") == "cpu"
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
-    assert resolve("auto", "train.device") == "cpu"
+    assert resolve_device("auto", "train.device") == "cpu"
 
 
 @pytest.mark.parametrize("name,value", [("SLURM_JOB_GPUS", "0"), ("SLURM_STEP_GPUS", "2,3"),
@@ -33,15 +33,15 @@ def test_auto_refuses_the_cpu_when_the_job_was_given_a_gpu(no_cuda, monkeypatch,
     monkeypatch.setenv(name, value)
     assert gpu_reserved() == f"{name}={value}"
     with pytest.raises(DeviceError, match=rf"train.device is auto and this job was given a GPU \({name}={value}\)"):
-        resolve("auto", "train.device")
+        resolve_device("auto", "train.device")
 
 
 def test_cuda_without_cuda_names_the_reason(no_cuda, monkeypatch):
     monkeypatch.setattr(devices, "_why_no_cuda", lambda: "torch 9.9 (built for CUDA 13.0): driver too old")
     with pytest.raises(DeviceError, match="align.device is cuda but CUDA cannot be used: .*driver too old"):
-        resolve("cuda", "align.device")
+        resolve_device("cuda", "align.device")
     with pytest.raises(DeviceError, match="must be auto, cpu or cuda"):
-        resolve("gpu", "align.device")
+        resolve_device("gpu", "align.device")
 
 
 def test_the_real_reason_on_this_machine(no_cuda):
@@ -106,7 +106,7 @@ def test_own_claim_is_not_a_gpu_given_by_a_scheduler(no_cuda, monkeypatch, tmp_p
     monkeypatch.setattr(devices, "_CLAIMED", [])
     monkeypatch.setattr(devices, "_CLAIMED_IDS", [])
     try:
-        assert resolve("auto", "demo.device") == "cpu"
+        assert resolve_device("auto", "demo.device") == "cpu"
         assert devices._CLAIMED_IDS and gpu_reserved() is None
     finally:
         for fh in devices._CLAIMED:

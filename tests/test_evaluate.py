@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from maskface.evaluate import (FeatureTable, ProtocolSettings, accuracy_at, angular_fisher_score, auc,
-                               best_threshold, evaluate_lfw_features, identification, identification_split,
-                               lfw_protocols, markdown_table, model_group, plot_roc, roc_curve, roc_summary,
+                               best_threshold, evaluate_identification_features, evaluate_lfw_features,
+                               identification, identification_split, lfw_protocols, markdown_table,
+                               metrics_markdown, model_group, open_set_metrics, plot_roc, roc_curve, roc_summary,
                                summarize, tar_at_far, verify_10fold)
 
 
@@ -297,6 +299,19 @@ def test_identification_metrics():
     assert moved["protocols"]["clean"]["rank1"] == pytest.approx(89 / 90)
 
 
+def test_identification_outputs(tmp_path):
+    ids, table = _id_features(masked_noise=3.0)
+    st = ProtocolSettings(mean_subtraction=False)
+    out = {k: str(tmp_path / f"r.{k}") for k in ("json", "md", "png")}
+    doc = evaluate_identification_features(table, st, model="m", dataset="d", n_impostors=5000,
+                                           out_json=out["json"], out_md=out["md"], out_png=out["png"],
+                                           extra={"run": None})
+    assert doc["identification"] == identification(table, ids, st, n_impostors=5000)
+    assert json.loads(Path(out["json"]).read_text())["identification"]["n_probes"] == 90
+    assert Path(out["md"]).read_text().startswith("**m on d: identification (30 identities, 90 probes)**")
+    assert Path(out["png"]).stat().st_size > 1000 and not list(tmp_path.glob(".*"))   # no temporary file left
+
+
 # --------------------------------------------------------------------------- LFW protocols and writers
 
 def _lfw_like(per_fold=60, d=16, seed=8):
@@ -401,3 +416,49 @@ def test_plot_roc_writes_png(tmp_path):
     same = rng.random(200) < 0.5
     plot_roc({"clean": (rng.normal(size=200) + same, same)}, tmp_path / "roc.png", title="t")
     assert (tmp_path / "roc.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ open-set metrics (the demo's video)
+
+def _gt_row(frame, app, ident, known, masked, box):
+    return {"frame": frame, "appearance": app, "lane": 0, "identity": ident, "known": known, "masked": masked,
+            "image_id": f"{ident}/x.jpg", "bbox": list(map(float, box)), "tile": list(map(float, box))}
+
+
+def _det_row(frame, box, best, score, thr):
+    return {"frame": frame, "time_s": frame / 8, "face": 0, "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3],
+            "det_score": 0.99, "identity": best if score >= thr else "unknown", "best_identity": best,
+            "score": score, "known": score >= thr}
+
+
+def test_open_set_metrics_by_hand():
+    A, B = (0, 0, 40, 50), (100, 0, 140, 50)
+    gt = pd.DataFrame([
+        _gt_row(0, 0, "Ann", True, False, A),     # right, accepted            -> identified
+        _gt_row(1, 0, "Ann", True, False, A),     # right, below threshold     -> rejected
+        _gt_row(2, 1, "Ann", True, True, A),      # wrong name above threshold -> misidentified (masked)
+        _gt_row(3, 1, "Ann", True, True, A),      # not detected (masked)
+        _gt_row(0, 2, "Zed", False, False, B),    # unknown accepted           -> false alarm
+        _gt_row(1, 2, "Zed", False, False, B),    # unknown rejected
+        _gt_row(2, 3, "Yan", False, True, B),     # unknown not detected
+    ])
+    t = 0.8
+    det = pd.DataFrame([
+        _det_row(0, (2, 1, 41, 52), "Ann", 0.9, t), _det_row(1, A, "Ann", 0.7, t), _det_row(2, A, "Bob", 0.95, t),
+        _det_row(0, (101, 0, 139, 49), "Bob", 0.85, t), _det_row(1, B, "Bob", 0.5, t),
+        _det_row(3, (200, 200, 240, 250), "Bob", 0.99, t),   # matches no true face
+    ])
+    r = open_set_metrics(det, gt, t)
+    a, c, m = (r["at_threshold"][k] for k in ("all", "clean", "masked"))
+    assert a["known_faces"] == 4 and a["dir"] == 0.25 and a["known_detected"] == 0.75 and a["rank1"] == 0.5
+    assert a["misidentified"] == 0.25 and a["known_rejected"] == 0.25
+    assert a["unknown_faces"] == 3 and a["far"] == pytest.approx(1 / 3)
+    assert c["dir"] == 0.5 and c["far"] == 0.5 and m["dir"] == 0.0 and m["far"] == 0.0
+    assert r["unmatched_detections"] == 1 and r["unmatched_accepted"] == 1
+    sweep = {s["threshold"]: s for s in r["sweep"]}
+    assert sweep[0.0]["all_dir"] == 0.5 and sweep[0.0]["all_far"] == pytest.approx(2 / 3)
+    assert sweep[1.0]["all_dir"] == 0.0 and sweep[1.0]["all_far"] == 0.0
+    assert r["appearances"]["all"]["known_appearances"] == 2
+    assert "| clean |" in metrics_markdown(r)
+    first2 = open_set_metrics(det, gt, t, frames=2)["at_threshold"]["all"]   # a run cut after 2 frames
+    assert first2["known_faces"] == 2 and first2["unknown_faces"] == 2 and first2["dir"] == 0.5

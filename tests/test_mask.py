@@ -21,12 +21,15 @@ import pytest
 from conftest import snakemake_run
 from PIL import Image
 
+from maskface.mask import face as F
 from maskface.mask import landmarks as L
 from maskface.mask import render as R
 from maskface.mask import stage as S
+from maskface.mask import style as ST
 from maskface.mask import textures as TX
+from maskface.mask.config import MASK_TYPES, WEARS, MaskConfig
 
-TPL = S.TEMPLATES["sphereface_112x96"]
+TPL = F.TEMPLATES["sphereface_112x96"]
 # Faces turned by more than ~45 deg (their aligned crops come out zoomed into half a face): must be skipped.
 PROFILES = ["Roman_Polanski/Roman_Polanski_0003.jpg", "George_W_Bush/George_W_Bush_0145.jpg"]
 N_FACES = 40
@@ -93,10 +96,10 @@ def frontal(crops) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def landmarks(frontal) -> dict[str, np.ndarray]:
-    cfg = S.MaskConfig()
+    cfg = MaskConfig()
     box = L.face_box_from_points5(TPL)
     ids = list(frontal)
-    lms = S.landmark_crops(np.stack([frontal[i] for i in ids]), box, cfg)
+    lms = F.landmark_crops(np.stack([frontal[i] for i in ids]), box, cfg)
     return dict(zip(ids, lms))
 
 
@@ -143,7 +146,7 @@ def test_model_layout():
 def test_face_box_follows_the_template():
     box = L.face_box_from_points5(TPL)
     assert np.allclose(box, [0.47, 24.31, 89.94, 113.78], atol=0.02)
-    arc = L.face_box_from_points5(S.TEMPLATES["arcface_112x112"])
+    arc = L.face_box_from_points5(F.TEMPLATES["arcface_112x112"])
     assert np.allclose(arc - box, [8, 0, 8, 0], atol=1e-9)
 
 
@@ -166,9 +169,9 @@ def test_compiled_predictor_agrees_with_dlib(frontal):
 def test_landmarks_do_not_depend_on_the_batch(frontal):
     imgs = np.stack(list(frontal.values())[:9])
     box = L.face_box_from_points5(TPL)
-    cfg = S.MaskConfig()
-    together = S.landmark_crops(imgs, box, cfg)
-    alone = np.stack([S.landmark_crops(im[None], box, cfg)[0] for im in imgs])
+    cfg = MaskConfig()
+    together = F.landmark_crops(imgs, box, cfg)
+    alone = np.stack([F.landmark_crops(im[None], box, cfg)[0] for im in imgs])
     assert np.array_equal(together, alone)
 
 
@@ -205,21 +208,21 @@ def _inside(poly: np.ndarray, p) -> bool:
 
 
 @pytest.mark.lfw
-@pytest.mark.parametrize("mask_type", R.MASK_TYPES)
+@pytest.mark.parametrize("mask_type", MASK_TYPES)
 def test_mask_outline_covers_what_each_wear_covers(landmarks, mask_type):
-    """From the landmarks (0-based here; the issue's 1-based 31 = nose tip 30, 49/55 = mouth corners 48/54,
+    """From the landmarks (0-based here; 1-based 31 = nose tip 30, 49/55 = mouth corners 48/54,
     9 = chin 8): proper covers nose tip, mouth corners and chin; nose_out leaves the nose tip out but covers
     mouth and chin; chin leaves the mouth out but covers the chin. No wear covers an eye."""
-    cfg = S.MaskConfig()
+    cfg = MaskConfig()
     checked = 0
     for image_id, lm in landmarks.items():
-        if S.face_checks(lm, (112, 96), cfg, TPL)[0] is not None:
+        if F.face_checks(lm, (112, 96), cfg, TPL)[0] is not None:
             continue                        # the stage skips this face (never drawn)
         checked += 1
         face = R.FaceFrame(lm)
-        jit = {"apex": 0.0, "corner": 0.0, "side": 0.0, "chin": 0.0, "sag": 0.0}
-        for wear in R.WEARS:
-            poly = R.build_geometry(face, mask_type, wear, jit).outline
+        jitter = {"apex": 0.0, "corner": 0.0, "side": 0.0, "chin": 0.0, "sag": 0.0}
+        for wear in WEARS:
+            poly = R.build_geometry(face, mask_type, wear, jitter).outline
             got = {i: _inside(poly, lm[i]) for i in (30, 48, 54, 8)}
             want = {"proper": {30: True, 48: True, 54: True, 8: True},
                     "nose_out": {30: False, 48: True, 54: True, 8: True},
@@ -240,13 +243,13 @@ def test_mask_outline_covers_what_each_wear_covers(landmarks, mask_type):
 def test_rendered_masks_coverage_and_untouched_pixels(frontal, landmarks):
     """Coverage of the 112x96 crop: proper in 0.25-0.6 (mean 0.30-0.50), nose_out below proper, chin below
     nose_out; the occluded pixels changed; everything outside the drawn region is bit-identical."""
-    cfg = S.MaskConfig()
-    cov = {w: [] for w in R.WEARS}
+    cfg = MaskConfig()
+    cov = {w: [] for w in WEARS}
     for image_id, lm in list(landmarks.items())[:12]:
         crop = frontal[image_id]
-        for wear in R.WEARS:
-            rng = S.image_rng(cfg, image_id)
-            st = S.draw_style(rng, cfg, wear=wear)
+        for wear in WEARS:
+            rng = ST.image_rng(cfg, image_id)
+            st = ST.draw_style(rng, cfg, wear=wear)
             out = R.render(crop, lm, st.mask_type, st.wear, st.color, st.texture, st.params, rng)
             occ = out.occlusion
             cov[wear].append(occ.mean())
@@ -263,7 +266,7 @@ def test_rendered_masks_coverage_and_untouched_pixels(frontal, landmarks):
                 cv2.fillConvexPoly(hull, np.round(eye).astype(np.int32), 1)
                 hull = cv2.dilate(hull, np.ones((3, 3), np.uint8)).astype(bool)
                 assert not occ[hull].any(), (image_id, wear)
-    p, n, c = (np.array(cov[w]) for w in R.WEARS)
+    p, n, c = (np.array(cov[w]) for w in WEARS)
     assert ((p >= 0.25) & (p <= 0.6)).all() and 0.30 <= p.mean() <= 0.50, p
     assert (n < p).all() and (c < n).all()
 
@@ -276,9 +279,9 @@ def test_occlusion_maps_obey_the_wear_rules_for_every_type(frontal):
     some = dict(list(frontal.items())[:6])
     want = {"proper": {30: True, 48: True, 54: True}, "nose_out": {30: False, 48: True, 54: True},
             "chin": {30: False, 48: False, 54: False}}
-    for t in R.MASK_TYPES:
-        for w in R.WEARS:
-            for r in S.process_items(_items(some), S.MaskConfig(), mask_type=t, wear=w):
+    for t in MASK_TYPES:
+        for w in WEARS:
+            for r in S.process_items(_items(some), MaskConfig(), mask_type=t, wear=w):
                 if r["status"] != "ok":
                     continue
                 lm = np.asarray(r["landmarks68"]).reshape(68, 2)
@@ -297,7 +300,7 @@ def test_mask_follows_a_rotated_face(frontal, landmarks):
     th = np.radians(20)
     rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
     lm_r = (lm - c) @ rot.T + c
-    for mask_type in R.MASK_TYPES:
+    for mask_type in MASK_TYPES:
         geo = R.build_geometry(R.FaceFrame(lm_r), mask_type, "proper", {})
         assert all(_inside(geo.outline, lm_r[i]) for i in (30, 48, 54, 8))
         geo0 = R.build_geometry(R.FaceFrame(lm), mask_type, "proper", {})
@@ -308,7 +311,7 @@ def test_mask_follows_a_rotated_face(frontal, landmarks):
 
 @pytest.mark.lfw
 def test_stage_masks_real_faces_and_skips_profiles(crops):
-    recs = S.process_items(_items(crops), S.MaskConfig())
+    recs = S.process_items(_items(crops), MaskConfig())
     by_id = {r["image_id"]: r for r in recs}
     frontal = [r for i, r in by_id.items() if i not in PROFILES]
     ok = [r for r in frontal if r["status"] == "ok"]
@@ -322,7 +325,7 @@ def test_stage_masks_real_faces_and_skips_profiles(crops):
         occ = S.decode_occlusion(r["occlusion"])
         assert img.shape == (112, 96, 3) and occ.shape == (112, 96)
         assert abs(occ.mean() - r["coverage"]) < 1e-9
-        assert len(r["landmarks68"]) == 136 and r["mask_type"] in R.MASK_TYPES and r["wear"] in R.WEARS
+        assert len(r["landmarks68"]) == 136 and r["mask_type"] in MASK_TYPES and r["wear"] in WEARS
         assert r["mask_color"] in TX.TYPE_COLORS[r["mask_type"]]
         assert r["mask_texture"] in TX.TYPE_TEXTURES[r["mask_type"]]
         # the occlusion PNG is a 1-bit PNG any reader opens
@@ -341,7 +344,7 @@ def test_centre_crop_fallback_of_a_real_face_is_masked(lfw, frontal):
     rgb = load_rgb(lfw / "images_deepfunneled" / image_id)
     crop = cv2.resize(rgb[50:230, 40:210], (96, 112), interpolation=cv2.INTER_AREA)   # not on the template
     rec = S.process_items([{"image_id": image_id, "status": "center_crop", "png": S.encode_rgb_png(crop)}],
-                          S.MaskConfig())[0]
+                          MaskConfig())[0]
     assert rec["status"] == "ok", rec
     assert rec["aligned_status"] == "center_crop"
 
@@ -350,18 +353,18 @@ def test_centre_crop_fallback_of_a_real_face_is_masked(lfw, frontal):
 def test_same_config_same_bytes_and_seed_changes_them(frontal):
     some = dict(list(frontal.items())[:8])
     items = _items(some)
-    a = S.process_items(items, S.MaskConfig(batch=3))
-    b = S.process_items(items[::-1], S.MaskConfig(batch=64))      # other order, other batches
+    a = S.process_items(items, MaskConfig(batch=3))
+    b = S.process_items(items[::-1], MaskConfig(batch=64))      # other order, other batches
     b = {r["image_id"]: r for r in b}
     for r in a:
         assert r["png"] == b[r["image_id"]]["png"] and r["occlusion"] == b[r["image_id"]]["occlusion"]
-    c = S.process_items(items, S.MaskConfig(seed=1))
+    c = S.process_items(items, MaskConfig(seed=1))
     differ = sum(x["png"] != y["png"] for x, y in zip(a, c) if x["png"] and y["png"])
     assert differ == sum(1 for x, y in zip(a, c) if x["png"] and y["png"]) > 0
     # any other result-affecting setting changes the draws too; threads do not change anything
-    d = S.process_items(items, S.MaskConfig.from_mapping({"wear": {"proper": 1.0}}))
+    d = S.process_items(items, MaskConfig.from_mapping({"wear": {"proper": 1.0}}))
     assert all(r["wear"] == "proper" for r in d if r["status"] == "ok")
-    e = S.process_items(items, S.MaskConfig(batch=3, threads=2))          # worker processes, compiled kernels
+    e = S.process_items(items, MaskConfig(batch=3, threads=2))          # worker processes, compiled kernels
     assert [(r["png"], r["occlusion"]) for r in e] == [(r["png"], r["occlusion"]) for r in a]
 
 
@@ -379,7 +382,7 @@ def test_bad_inputs_are_recorded_never_fatal():
         {"image_id": "raw_fail", "status": "unreadable", "reason": "decode failed", "png": None},
         {"image_id": "ok_but_empty", "status": "ok", "png": None},
     ]
-    recs = {r["image_id"]: r for r in S.process_items(items, S.MaskConfig())}
+    recs = {r["image_id"]: r for r in S.process_items(items, MaskConfig())}
     assert recs["tiny"]["status"] == "skipped" and recs["tiny"]["skip"] == "too_small"
     for k in ("noise", "grey"):                 # centre-crop fallbacks without a face
         assert recs[k]["status"] == "skipped" and recs[k]["skip"] == "no_face", recs[k]
@@ -391,46 +394,106 @@ def test_bad_inputs_are_recorded_never_fatal():
 
 
 def test_landmarks_outside_the_image_are_skipped():
-    cfg = S.MaskConfig()
+    cfg = MaskConfig()
     lm = L.load_model().initial_shape.astype(np.float64) * 90 + [0, 24]
-    assert S.face_checks(lm, (112, 96), cfg)[0] is None
+    assert F.face_checks(lm, (112, 96), cfg)[0] is None
     shifted = lm + [0, 40]                                   # mouth and nose below the crop
-    skip, _ = S.face_checks(shifted, (112, 96), cfg)
+    skip, _ = F.face_checks(shifted, (112, 96), cfg)
     assert skip.code == "landmarks_outside"
-    skip, _ = S.face_checks(lm * 0.1, (112, 96), cfg)       # a face of 4 px
+    skip, _ = F.face_checks(lm * 0.1, (112, 96), cfg)       # a face of 4 px
     assert skip.code == "too_small"
     bad = lm.copy()
     bad[48:68, 1] = bad[36:48, 1].mean()                     # mouth at eye height
-    assert S.face_checks(bad, (112, 96), cfg)[0].code == "bad_landmarks"
+    assert F.face_checks(bad, (112, 96), cfg)[0].code == "bad_landmarks"
     far = lm + [0, 0]
     far[30, 0] -= 30                                          # nose tip far out: a turned head
-    assert S.face_checks(far, (112, 96), cfg)[0].code == "yaw"
+    assert F.face_checks(far, (112, 96), cfg)[0].code == "yaw"
     # template disagreement: landmarks of another face than the aligned one
-    assert S.face_checks(lm + [25, 0], (112, 96), cfg, TPL)[0].code in ("landmarks_disagree", "landmarks_outside")
+    assert F.face_checks(lm + [25, 0], (112, 96), cfg, TPL)[0].code in ("landmarks_disagree", "landmarks_outside")
 
 
 def test_config_weights_are_validated_and_restricted():
     with pytest.raises(ValueError, match="mask.types"):
-        S.MaskConfig.from_mapping({"types": {"bandana": 1}})
+        MaskConfig.from_mapping({"types": {"bandana": 1}})
     with pytest.raises(ValueError, match="mask.wear"):
-        S.MaskConfig.from_mapping({"wear": {"proper": 0}})
-    cfg = S.MaskConfig.from_mapping({"types": {"gas": 1}, "colors": {"pink": 1}})
+        MaskConfig.from_mapping({"wear": {"proper": 0}})
+    cfg = MaskConfig.from_mapping({"types": {"gas": 1}, "colors": {"pink": 1}})
     for i in range(30):
-        st = S.draw_style(S.image_rng(cfg, str(i)), cfg)
+        st = ST.draw_style(ST.image_rng(cfg, str(i)), cfg)
         assert st.mask_type == "gas"
         assert st.color in TX.TYPE_COLORS["gas"]          # pink is not a respirator colour: the type's own
-    cfg = S.MaskConfig.from_mapping({"types": {"cloth": 1}, "textures": {"checks": 1}})
-    assert {S.draw_style(S.image_rng(cfg, str(i)), cfg).texture for i in range(10)} == {"checks"}
+    cfg = MaskConfig.from_mapping({"types": {"cloth": 1}, "textures": {"checks": 1}})
+    assert {ST.draw_style(ST.image_rng(cfg, str(i)), cfg).texture for i in range(10)} == {"checks"}
     # forcing a type leaves the other draws of the image unchanged
-    a = S.draw_style(S.image_rng(S.MaskConfig(), "x"), S.MaskConfig())
-    b = S.draw_style(S.image_rng(S.MaskConfig(), "x"), S.MaskConfig(), mask_type=a.mask_type)
+    a = ST.draw_style(ST.image_rng(MaskConfig(), "x"), MaskConfig())
+    b = ST.draw_style(ST.image_rng(MaskConfig(), "x"), MaskConfig(), mask_type=a.mask_type)
     assert (a.wear, a.color, a.texture) == (b.wear, b.color, b.texture)
 
+
+def test_config_params_digest_and_defaults():
+    cfg = MaskConfig()
+    params = cfg.result_params()
+    assert list(params) == ["seed", "types", "colors", "textures", "wear", "upscale", "max_yaw_deg", "min_eye_px",
+                            "landmarks"]                              # threads and batch never rerun anything
+    assert params["types"] == {"cloth": 0.28, "gas": 0.1, "kn95": 0.2, "n95": 0.12, "surgical": 0.3}
+    assert list(params["colors"]) == sorted(params["colors"])         # name order: the draw order
+    # the digest seeds every image's draws: it must not move for the same settings however they are given
+    assert cfg.digest() == "1bc6667357a4431a"
+    again = MaskConfig.from_mapping({"types": dict(reversed(list(cfg.types.items()))), "max_yaw_deg": 45,
+                                     "threads": 4, "batch": 3, "gallery": None})
+    assert again.digest() == cfg.digest() and again.threads == 4 and again.batch == 3
+    assert MaskConfig.from_mapping(params) == cfg
+    listed = MaskConfig.from_mapping({"wear": ["proper", "chin"], "types": {"gas": 1, "n95": 0}})
+    assert listed.weights("wear") == {"chin": 1.0, "proper": 1.0} and listed.weights("types") == {"gas": 1.0}
+    assert MaskConfig.defaults()["threads"] == 1 and MaskConfig.defaults()["types"]["surgical"] == 0.30
+    with pytest.raises(ValueError, match="mask.upscale"):
+        MaskConfig.from_mapping({"upscale": 5})
+    with pytest.raises(ValueError, match="mask.landmarks"):
+        MaskConfig.from_mapping({"landmarks": "mtcnn"})
+
+
+def test_mask_modules_import_only_downwards():
+    """The flow is entry (stage, api; gallery reads shards through stage) -> face -> style / render ->
+    landmarks / kernels; config and textures at the bottom. Neither entry imports the other."""
+    import ast
+
+    import maskface.mask as pkg
+    level = {"kernels": 0, "textures": 0, "config": 1, "landmarks": 1, "render": 1, "style": 2, "face": 3,
+             "stage": 4, "api": 4, "gallery": 5}
+    folder = Path(pkg.__file__).parent
+    assert {p.stem for p in folder.glob("*.py")} - {"__init__"} == set(level)
+    for name, lv in level.items():
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        used = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                used |= {node.module} if node.module else {a.name for a in node.names}
+        assert all(level[m] < lv for m in used), (name, sorted(used))
+
+
+def test_wearing_masker_raises_when_nothing_is_masked():
+    from maskface.mask.api import MaskFailed, wearing_masker
+    masker = wearing_masker()
+    noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    with pytest.raises(MaskFailed, match="not masked"):
+        masker(noise, 3, "noise")
+    assert issubclass(MaskFailed, ValueError)
+
+
+@pytest.mark.lfw
+def test_wearing_masker_masks_a_photo_deterministically(lfw):
+    from maskface.imageio import load_rgb
+    from maskface.mask.api import mask_image, wearing_masker
+    rgb = load_rgb(lfw / "images_deepfunneled" / _lfw_sample(lfw / "images_deepfunneled", 1)[0])
+    out = wearing_masker("chin")(rgb, 5, "x")
+    assert out.shape == rgb.shape and out.dtype == np.uint8 and not np.array_equal(out, rgb)
+    assert np.array_equal(out, mask_image(rgb, seed=5, image_id="x", wear="chin").image)
+    assert np.array_equal(wearing_masker(None)(rgb, 5, "x"), mask_image(rgb, seed=5, image_id="x").image)
 
 def test_textures_are_anti_aliased_and_in_range():
     v, u = np.mgrid[0:60, 0:50].astype(np.float32) / 30.0
     for tex in TX.TEXTURES:
-        st = S.draw_style(S.image_rng(S.MaskConfig(), tex), S.MaskConfig(), mask_type="cloth", texture=tex)
+        st = ST.draw_style(ST.image_rng(MaskConfig(), tex), MaskConfig(), mask_type="cloth", texture=tex)
         alb = TX.albedo(tex, "navy", st.params["texture"], u, v, 1 / 30.0)
         assert alb.shape == (3, 60, 50) and alb.dtype == np.float32
         assert alb.min() >= 0 and alb.max() <= 1.0 + 1e-6
@@ -556,13 +619,13 @@ def test_cli_masks_a_folder_of_photos_deterministically(lfw, tmp_path):
 def test_gallery_figure(frontal, landmarks, tmp_path):
     from maskface.mask import gallery as G
     faces = [{"image_id": i, "crop": frontal[i], "lm": landmarks[i], "template5": TPL} for i in list(landmarks)[:8]]
-    info = G.render_gallery(faces, S.MaskConfig(), tmp_path / "g.png", title="test")
+    info = G.render_gallery(faces, MaskConfig(), tmp_path / "g.png", title="test")
     img = np.asarray(Image.open(tmp_path / "g.png"))
     assert img.shape[1] == info["size"][0] and img.shape[0] == info["size"][1]
     rows = {c["row"] for c in info["cells"]}
-    assert set(R.MASK_TYPES) <= rows
-    assert {(c["mask_type"], c["wear"]) for c in info["cells"] if c["row"] in R.MASK_TYPES} == \
-        {(t, w) for t in R.MASK_TYPES for w in R.WEARS}
+    assert set(MASK_TYPES) <= rows
+    assert {(c["mask_type"], c["wear"]) for c in info["cells"] if c["row"] in MASK_TYPES} == \
+        {(t, w) for t in MASK_TYPES for w in WEARS}
 
 
 # ------------------------------------------------------------------------------------------ workflow
@@ -632,14 +695,14 @@ def test_workflow_mask_stage(crops, own_tmp):
     summary = json.loads((work / "results/masked/tiny/summary.json").read_text())
     assert summary["masked"] == sum(v == "ok" for v in st.values())
     cells = json.loads((work / "results/figures/mask_gallery.json").read_text())
-    assert {(c["mask_type"], c["wear"]) for c in cells["cells"] if c["row"] in R.MASK_TYPES} == \
-        {(t, w) for t in R.MASK_TYPES for w in R.WEARS}
+    assert {(c["mask_type"], c["wear"]) for c in cells["cells"] if c["row"] in MASK_TYPES} == \
+        {(t, w) for t in MASK_TYPES for w in WEARS}
     assert (work / "results/figures/mask_gallery.png").stat().st_size > 10000
     again = _smk(work, "mask", *only)
     assert "Nothing to be done" in again.stdout + again.stderr
     # the jobs ran 2 processes on batches of 2; masking the same aligned shards here, in one process and
     # one batch, gives the same bytes
-    cfg = S.MaskConfig.from_mapping({"seed": 5})
+    cfg = MaskConfig.from_mapping({"seed": 5})
     for k in range(2):
         items = S.read_aligned_shard(work / f"results/aligned/tiny/shard-{k}.parquet")
         here = {r["image_id"]: r for r in S.process_items(items, cfg)}

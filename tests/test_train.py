@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from maskface.imageio import encode_png
-from maskface.train import (BatchStream, StreamSampler, TrainData, build_cache, evaluate_fold, fold_identities,
-                            merged, open_cache, run_names, select_training, spec_digest, summarize_evals,
-                            train_run)
+from maskface.foldeval import evaluate_fold, summarize_evals
+from maskface.train import spec_digest, train_run
+from maskface.train_config import merged, run_names
+from maskface.train_data import (BatchStream, StreamSampler, TrainData, build_cache, fold_identities, open_cache,
+                                 select_training)
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
@@ -346,7 +348,7 @@ def test_model_file_is_the_features_embedder_format(syn, tmp_path):
     emb = features.SphereFaceEmbedder(tmp_path / "r" / "model.pt", device="cpu")
     arr, idx = open_cache(*syn["clean"])
     got = emb.embed([features.FaceInput(np.asarray(arr[i])) for i in range(4)])
-    from maskface.train import embed_rows
+    from maskface.foldeval import embed_rows
     mine = embed_rows(net, arr, np.arange(4), torch.device("cpu"))
     np.testing.assert_allclose(got, mine, rtol=1e-4, atol=1e-4)  # same preprocessing, same flip concat
 
@@ -425,7 +427,7 @@ def test_loss_falls_on_real_lfw_subset(lfw, tmp_path):
 def test_schema_defaults_mirror_train_defaults():
     import yaml
 
-    from maskface.train import DEFAULTS
+    from maskface.train_config import DEFAULTS
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 
     def defaults(props):
@@ -592,7 +594,7 @@ def test_presets_and_mask_fraction_groups():
 
 
 def test_summary_of_groups_side_by_side():
-    from maskface.train import summarize_groups, summary_markdown
+    from maskface.foldeval import summarize_groups, summary_markdown
 
     def ev(clean, masked):
         return {"protocols": {"clean": {"accuracy": clean}, "masked": {"accuracy": masked}}}

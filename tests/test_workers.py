@@ -150,6 +150,15 @@ def _assert_same_features(a: pd.DataFrame, b: pd.DataFrame) -> None:
     np.testing.assert_allclose(np.stack(a.feature), np.stack(b.feature), atol=1e-6)
 
 
+def _forced_target(runs, k: int, variant: str) -> tuple[Path, str, pd.DataFrame, Path]:
+    """(workdir, target, its features now, its job's log, deleted so that what is read is the next run's)."""
+    work, _ = runs[2]
+    target = TARGETS[k]
+    log = work / f"results/logs/extract_features/dlib-resnet/tiny/{variant}.log"
+    log.unlink()
+    return work, target, _table(work / target), log
+
+
 def _table(path: Path, drop=()) -> pd.DataFrame:
     df = pd.read_parquet(path)
     return df.drop(columns=[c for c in drop if c in df.columns]).sort_values("image_id").reset_index(drop=True)
@@ -183,11 +192,7 @@ def test_every_stage_with_two_workers_gives_the_outputs_of_one(runs):
 @pytest.mark.lfw
 @pytest.mark.slow
 def test_a_killed_worker_fails_the_job_clearly_and_the_workflow_reruns_cleanly(runs):
-    work, _ = runs[2]
-    target = TARGETS[2]
-    before = _table(work / target)
-    log_file = work / "results/logs/extract_features/dlib-resnet/tiny/clean.log"
-    log_file.unlink()                             # the log read below is this run's, not the fixture's
+    work, target, before, log_file = _forced_target(runs, 2, "clean")
     t0 = time.monotonic()
     # --forcerun takes every word after it as a rule or file, so the target goes first
     res = _smk(work, target, "--forcerun", "extract_features", check=False, env={KILL_ENV: "1"})
@@ -206,11 +211,7 @@ def test_a_killed_worker_fails_the_job_clearly_and_the_workflow_reruns_cleanly(r
 @pytest.mark.slow
 def test_after_a_sigkill_of_snakemake_unlock_then_the_same_command_finishes(runs):
     """The README's way back after a crash: `snakemake --unlock`, then the same command again."""
-    work, _ = runs[2]
-    target = TARGETS[3]
-    before = _table(work / target)
-    log = work / "results/logs/extract_features/dlib-resnet/tiny/masked.log"
-    log.unlink()
+    work, target, before, log = _forced_target(runs, 3, "masked")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", "2",
            target, "--forcerun", "extract_features"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

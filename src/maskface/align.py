@@ -1,30 +1,25 @@
-"""Stage 1: MTCNN face detection and 5-point similarity alignment to the SphereFace / ArcFace template.
+"""Stage 1: face detection and 5-point similarity alignment to the SphereFace / ArcFace template.
 
-Detection
-    facenet-pytorch's MTCNN networks (P-, R-, O-net; weights ship inside its wheel) run the cascade of
-    ``facenet_pytorch.models.utils.detect_face.detect_face`` step for step: the same scale pyramid, the same
-    thresholds, NMS, box regression and landmark decoding (its helper functions are imported, not copied).
-    Two things are done differently, both for speed and neither changing the result beyond float rounding:
+This module holds the stage's settings (:class:`AlignConfig`), face selection, the similarity fit and warp, the
+per-image records and their worker processes, a shard's run (:func:`align_shard`), the summary, the fidelity
+check and the ``maskface align`` CLI. The MTCNN detector is in :mod:`maskface.mtcnn` (``Detector`` is
+re-exported here); shard assignment, shard files and the merge are in :mod:`maskface.shards`; the workflow's
+adapters are workflow/scripts/align_*.py.
 
-    * every resampling (the pyramid levels and the 24x24 / 48x48 crops of the R- and O-net stages) is
-      facenet-pytorch's ``interpolate(mode="area")``, i.e. adaptive average pooling, computed exactly from an
-      integral image by gathering, for all boxes of a batch at once. facenet-pytorch calls ``interpolate`` once
-      per candidate box (a hundred or more per LFW image with SphereFace's factor 0.85), which was a third of
-      its CPU time;
-    * on CPU each worker process runs torch with one intra-op thread and the stage runs ``workers`` such
-      processes. On this 2-core machine, shared with other jobs, two torch threads in one process were
-      slower than one (thread hand-off on tiny convolutions), while two processes scale.
-      Small batches (8) are kept on CPU (the P-net activations stay in cache); on GPU one large batch.
-
-    Defaults follow SphereFace's preprocess/code/face_detect_demo.m: min size 20, factor 0.85, thresholds
-    0.6/0.7/0.9 (facenet-pytorch's own defaults are 20 / 0.709 / 0.6,0.7,0.7).
+Workers
+    On CPU each worker process runs torch with one intra-op thread and the stage runs ``workers`` such
+    processes: on a machine with few cores shared with other jobs, two torch threads in one process were
+    slower than one (thread hand-off on tiny convolutions), while two processes scale. Small batches (8) are
+    kept on CPU (the P-net activations stay in cache); on GPU one large batch.
 
 Face selection (several faces found; ``n_faces`` records how many)
     ``largest``: the largest box. ``center`` (LFW-style centred crops, the default for ``format: lfw``):
     the box maximising ``area - 2 * d**2`` (px^2), ``d`` the distance from box centre to image centre.
     SphereFace keeps the box whose centre is nearest the image centre (pure distance); weighting by size
     keeps a small background face that happens to sit near the centre from beating the subject. The
-    formula is facenet-pytorch's ``center_weighted_size`` with its default weight 2.
+    formula is facenet-pytorch's ``center_weighted_size`` with its default weight 2. The setting ``select``
+    (``auto``: ``center`` for ``format: lfw``, else ``largest``) resolves per dataset with
+    :meth:`AlignConfig.select_for`.
 
 Alignment
     A similarity transform (rotation, uniform scale, translation; no reflection) is fitted by least squares
@@ -41,16 +36,12 @@ No face
     placed in the image's centred square. Such rows have ``status == "center_crop"`` and ``fallback`` True.
     ``skip`` records ``status == "no_face"`` and writes no crop.
 
-Shards and storage
-    An image belongs to shard ``int(sha1(image_id)[:8], 16) % shards``: deterministic, independent of row
-    order and of the other images (adding an image never moves another one between shards). A shard job
-    writes ONE Parquet file, ``results/aligned/{dataset}/shard-{shard}.parquet``: the manifest rows of its
-    images plus a ``png`` column holding the lossless PNG bytes of the crop (null where there is none).
-    Why Parquet rather than a folder of PNGs: one atomic output per job (a crashed job leaves nothing
-    half-written, Snakemake tracks one file instead of ~1,700), no million-small-file cost on shared
-    filesystems, and the masking stage reads exact pixels (PNG is lossless) by ``image_id`` with a
-    columnar read. The merge rule reads the shards without the ``png`` column and writes
-    ``results/manifests/{dataset}/aligned.parquet``, checking that every raw row is present exactly once.
+Shards
+    A shard job writes ONE Parquet file, ``results/aligned/{dataset}/shard-{shard}.parquet`` (``SHARD_SCHEMA``):
+    the manifest rows of its images plus a ``png`` column holding the lossless PNG bytes of the crop (null
+    where there is none); why, and how images are assigned to shards, is in :mod:`maskface.shards`. The merge
+    rule reads the shards without the ``png`` column and writes ``results/manifests/{dataset}/aligned.parquet``,
+    checking that every raw row is present exactly once.
 
 Manifest columns (``MANIFEST_COLUMNS``)
     image_id, identity, status (ok | center_crop | no_face | a raw/decoding failure | error), reason,
@@ -62,25 +53,28 @@ Manifest columns (``MANIFEST_COLUMNS``)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from .devices import describe, resolve_device
+from .fileio import atomic_path
 from .imageio import ImageDecodeError, encode_png, load_rgb
-from .manifest import write_table
+from .manifest import provenance, write_table
+from .mtcnn import Detector
+from .shards import read_crops, records_table, shard_rows
+from .stageconfig import StageConfig, floats, setting
 
 log = logging.getLogger("maskface.align")
 
@@ -110,17 +104,6 @@ CANONICAL_LANDMARKS = np.array([
     [0.5818, 0.6355],
 ], dtype=np.float64)
 
-# Result-affecting settings (the Snakemake rule passes these as params) and their defaults (SphereFace).
-DEFAULTS: dict[str, Any] = {
-    "template": "sphereface_112x96",
-    "min_face_size": 20,
-    "thresholds": [0.6, 0.7, 0.9],
-    "factor": 0.85,
-    "select": "auto",
-    "on_no_face": "center_crop",
-}
-RESULT_KEYS = tuple(DEFAULTS) + ("shards",)
-
 ALIGNED_STATUSES = ("ok", "center_crop")   # rows that have a crop
 MANIFEST_COLUMNS = [
     "image_id", "identity", "status", "reason", "fallback", "n_faces", "det_score", "bbox", "landmarks5",
@@ -140,30 +123,21 @@ SHARD_SCHEMA = MANIFEST_SCHEMA.append(pa.field("png", pa.binary()))
 # ------------------------------------------------------------------------------------------------ config
 
 @dataclass(frozen=True)
-class AlignConfig:
-    template: str = DEFAULTS["template"]
-    min_face_size: int = DEFAULTS["min_face_size"]
-    thresholds: tuple = tuple(DEFAULTS["thresholds"])
-    factor: float = DEFAULTS["factor"]
-    select: str = DEFAULTS["select"]          # auto | center | largest
-    on_no_face: str = DEFAULTS["on_no_face"]  # skip | center_crop
-    device: str = "auto"                      # auto | cpu | cuda
-    batch_size: int = 0                       # 0: 8 on CPU, 64 on GPU
-    workers: int = 1                          # CPU processes (GPU: always 1)
+class AlignConfig(StageConfig):
+    """The ``align:`` section of the workflow config (defaults: SphereFace's, as the schema's)."""
+    section: ClassVar[str] = "align"
+    aliases: ClassVar[Mapping[str, str]] = {"threads": "workers"}   # config key ``threads``: worker processes
 
-    @classmethod
-    def from_mapping(cls, cfg: Optional[Mapping[str, Any]] = None, **overrides: Any) -> "AlignConfig":
-        cfg = dict(cfg or {})
-        cfg.update({k: v for k, v in overrides.items() if v is not None})
-        if "threads" in cfg and "workers" not in cfg:
-            cfg["workers"] = cfg["threads"]
-        known = {f for f in cls.__dataclass_fields__}
-        kw = {k: v for k, v in cfg.items() if k in known}
-        if "thresholds" in kw:
-            kw["thresholds"] = tuple(float(t) for t in kw["thresholds"])
-        out = cls(**kw)
-        out.validate()
-        return out
+    template: str = setting("sphereface_112x96")
+    min_face_size: int = setting(20)
+    thresholds: tuple = setting((0.6, 0.7, 0.9), convert=floats)
+    factor: float = setting(0.85)
+    select: str = setting("auto")               # auto | center | largest
+    on_no_face: str = setting("center_crop")    # skip | center_crop
+    shards: int = setting(8)
+    device: str = setting("auto", rerun=False)  # auto | cpu | cuda
+    batch_size: int = setting(0, rerun=False)   # 0: 8 on CPU, 64 on GPU
+    workers: int = setting(2, rerun=False)      # CPU processes (GPU: always 1)
 
     def validate(self) -> None:
         if self.template not in TEMPLATES:
@@ -180,215 +154,34 @@ class AlignConfig:
             raise ValueError(f"align.factor {self.factor!r}: must be in (0, 1)")
         if self.min_face_size < 4:
             raise ValueError(f"align.min_face_size {self.min_face_size!r}: must be >= 4")
-
-    def resolved_device(self) -> str:
-        from .devices import resolve
-        return resolve(self.device, "align.device")
+        if self.shards < 1:
+            raise ValueError(f"align.shards {self.shards!r}: must be >= 1")
 
     def resolved_batch(self, device: str) -> int:
         return self.batch_size if self.batch_size > 0 else (64 if device == "cuda" else 8)
 
-    def selection(self, dataset_format: Optional[str]) -> str:
+    def select_for(self, dataset_format: Optional[str]) -> str:
+        """The face selection (``center`` or ``largest``) for a dataset of ``dataset_format``."""
         if self.select != "auto":
             return self.select
         return "center" if dataset_format == "lfw" else "largest"
 
-    def result_subset(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in DEFAULTS}
-
-
-# --------------------------------------------------------------------------------------------- detection
-
-class Detector:
-    """facenet-pytorch's MTCNN cascade on a batch of same-size RGB uint8 images (see module docstring)."""
-
-    def __init__(self, min_face_size: int = 20, thresholds: Sequence[float] = (0.6, 0.7, 0.9),
-                 factor: float = 0.85, device: str = "cpu"):
-        import torch
-        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
-
-        self.torch = torch
-        self.device = torch.device(device)
-        from .devices import precision_policy
-
-        self.precision = precision_policy(self.device)      # true fp32 on a GPU: boxes as on the CPU
-        self.min_face_size = float(min_face_size)
-        self.thresholds = [float(t) for t in thresholds]
-        self.factor = float(factor)
-        self.pnet = PNet().to(self.device).eval()   # pretrained=True by default: weights from the wheel
-        self.rnet = RNet().to(self.device).eval()
-        self.onet = ONet().to(self.device).eval()
-        if self.device.type == "cpu":
-            # channels-last: the inputs arrive in that layout from the resampler, and torch's CPU max-pooling
-            # and small convolutions are 2-3x faster in it (same numbers to 1e-6)
-            self.pnet = self.pnet.to(memory_format=torch.channels_last)
-            self.rnet = self.rnet.to(memory_format=torch.channels_last)
-            self.onet = self.onet.to(memory_format=torch.channels_last)
-        self._pyr_cache: dict = {}
-
-    # exact adaptive average pooling (== interpolate(mode="area")) of boxes, from an integral image
-    def _resample(self, integral, inds, y0, y1, x0, x1, out_h: int, out_w: int):
-        torch = self.torch
-        a_h = torch.arange(out_h, device=integral.device)
-        a_w = torch.arange(out_w, device=integral.device)
-        lh = (y1 - y0)[:, None]
-        lw = (x1 - x0)[:, None]
-        hs = y0[:, None] + torch.div(a_h[None] * lh, out_h, rounding_mode="floor")
-        he = y0[:, None] + torch.div((a_h[None] + 1) * lh + out_h - 1, out_h, rounding_mode="floor")
-        ws = x0[:, None] + torch.div(a_w[None] * lw, out_w, rounding_mode="floor")
-        we = x0[:, None] + torch.div((a_w[None] + 1) * lw + out_w - 1, out_w, rounding_mode="floor")
-        # flat row index into the (B*(H+1)*(W+1), 3) integral: index_select of 3-int rows is ~3x faster
-        # than 3-D advanced indexing
-        _, hp1, wp1, _ = integral.shape
-        flat = integral.view(-1, 3)
-        base = (inds * (hp1 * wp1))[:, None, None]
-        rs, re_ = hs[:, :, None] * wp1, he[:, :, None] * wp1
-        cs, ce = ws[:, None, :], we[:, None, :]
-        g = lambda r, c: flat.index_select(0, (base + r + c).reshape(-1))  # noqa: E731
-        # integer sums are exact; one rounding in the division (torch's own pooling rounds every addition)
-        s = (g(re_, ce) - g(rs, ce) - g(re_, cs) + g(rs, cs)).view(len(inds), out_h, out_w, 3)
-        cnt = ((he - hs)[:, :, None] * (we - ws)[:, None, :]).to(torch.float32)
-        out = s.to(torch.float32) / cnt[..., None]              # (K, out_h, out_w, 3)
-        return (out - 127.5) * 0.0078125                       # facenet-pytorch's normalisation
-
-    def _crops(self, integral, boxes, image_inds, w: int, h: int, size: int):
-        from facenet_pytorch.models.utils.detect_face import pad
-        torch = self.torch
-        y, ey, x, ex = pad(boxes, w, h)                        # 1-based, clamped (facenet-pytorch)
-        keep = np.flatnonzero((ey > y - 1) & (ex > x - 1))
-        dev = integral.device
-        t = lambda v: torch.as_tensor(np.asarray(v)[keep].astype(np.int64), device=dev)  # noqa: E731
-        data = self._resample(integral, image_inds[torch.as_tensor(keep, device=dev)], t(y) - 1, t(ey),
-                              t(x) - 1, t(ex), size, size)
-        data = data.permute(0, 3, 1, 2)                        # channels-last strides
-        if dev.type != "cpu":
-            data = data.contiguous()
-        return data, torch.as_tensor(keep, device=dev)
-
-    def detect(self, imgs: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``imgs``: (B, H, W, 3) uint8 RGB. Returns per image ``(boxes (n, 5): x1 y1 x2 y2 score,
-        points (n, 5, 2))`` exactly as ``facenet_pytorch.models.utils.detect_face.detect_face``."""
-        from facenet_pytorch.models.utils.detect_face import (batched_nms_numpy, bbreg, generateBoundingBox,
-                                                              rerec)
-        from torchvision.ops.boxes import batched_nms
-        torch = self.torch
-        imgs = np.asarray(imgs)
-        if not imgs.flags.writeable:
-            imgs = imgs.copy()
-        if imgs.ndim == 3:
-            imgs = imgs[None]
-        bsz, h, w = imgs.shape[:3]
-        dev = self.device
-        thr = self.thresholds
-        empty = [(np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)) for _ in range(bsz)]
-        with torch.inference_mode():
-            timg = torch.as_tensor(imgs, device=dev)
-            # exact integer integral image (int32 while 255 * H * W fits)
-            itype = torch.int32 if 255 * h * w < 2 ** 31 else torch.int64
-            integral = torch.zeros((bsz, h + 1, w + 1, 3), dtype=itype, device=dev)
-            integral[:, 1:, 1:] = timg.to(itype).cumsum(1).cumsum(2)
-            all_inds = torch.arange(bsz, device=dev)
-            zeros = torch.zeros(bsz, dtype=torch.int64, device=dev)
-            hh = torch.full((bsz,), h, dtype=torch.int64, device=dev)
-            ww = torch.full((bsz,), w, dtype=torch.int64, device=dev)
-
-            m = 12.0 / self.min_face_size
-            minl = min(h, w) * m
-            scales = []
-            scale_i = m
-            while minl >= 12:
-                scales.append(scale_i)
-                scale_i = scale_i * self.factor
-                minl = minl * self.factor
-
-            boxes_l, inds_l = [], []
-            for scale in scales:
-                sh, sw = int(h * scale + 1), int(w * scale + 1)
-                im_data = self._resample(integral, all_inds, zeros, hh, zeros, ww, sh, sw).permute(0, 3, 1, 2)
-                if dev.type != "cpu":
-                    im_data = im_data.contiguous()
-                reg, probs = self.pnet(im_data)
-                boxes_scale, inds_scale = generateBoundingBox(reg.contiguous(), probs[:, 1].contiguous(), scale,
-                                                              thr[0])
-                pick = batched_nms(boxes_scale[:, :4], boxes_scale[:, 4], inds_scale, 0.5)
-                boxes_l.append(boxes_scale[pick])
-                inds_l.append(inds_scale[pick])
-            if not boxes_l:
-                return empty
-            boxes = torch.cat(boxes_l, 0)
-            image_inds = torch.cat(inds_l, 0)
-            if len(boxes) == 0:
-                return empty
-            pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
-            boxes, image_inds = boxes[pick], image_inds[pick]
-            regw = boxes[:, 2] - boxes[:, 0]
-            regh = boxes[:, 3] - boxes[:, 1]
-            qq1 = boxes[:, 0] + boxes[:, 5] * regw
-            qq2 = boxes[:, 1] + boxes[:, 6] * regh
-            qq3 = boxes[:, 2] + boxes[:, 7] * regw
-            qq4 = boxes[:, 3] + boxes[:, 8] * regh
-            boxes = torch.stack([qq1, qq2, qq3, qq4, boxes[:, 4]]).permute(1, 0)
-            boxes = rerec(boxes)
-
-            # R-net
-            im_data, keep = self._crops(integral, boxes, image_inds, w, h, 24)
-            boxes, image_inds = boxes[keep], image_inds[keep]
-            if len(boxes) == 0:
-                return empty
-            reg, prob = self.rnet(im_data)
-            score = prob[:, 1]
-            ipass = score > thr[1]
-            boxes = torch.cat((boxes[ipass, :4], score[ipass].unsqueeze(1)), dim=1)
-            image_inds = image_inds[ipass]
-            mv = reg[ipass]
-            pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
-            boxes, image_inds, mv = boxes[pick], image_inds[pick], mv[pick]
-            boxes = bbreg(boxes, mv)
-            boxes = rerec(boxes)
-            if len(boxes) == 0:
-                return empty
-
-            # O-net
-            im_data, keep = self._crops(integral, boxes, image_inds, w, h, 48)
-            boxes, image_inds = boxes[keep], image_inds[keep]
-            if len(boxes) == 0:
-                return empty
-            reg, pts, prob = self.onet(im_data)
-            score = prob[:, 1]
-            ipass = score > thr[2]
-            pts = pts[ipass].permute(1, 0)
-            boxes = torch.cat((boxes[ipass, :4], score[ipass].unsqueeze(1)), dim=1)
-            image_inds = image_inds[ipass]
-            mv = reg[ipass]
-            w_i = boxes[:, 2] - boxes[:, 0] + 1
-            h_i = boxes[:, 3] - boxes[:, 1] + 1
-            points_x = w_i.repeat(5, 1) * pts[:5, :] + boxes[:, 0].repeat(5, 1) - 1
-            points_y = h_i.repeat(5, 1) * pts[5:10, :] + boxes[:, 1].repeat(5, 1) - 1
-            points = torch.stack((points_x, points_y)).permute(2, 1, 0)
-            boxes = bbreg(boxes, mv)
-            pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], image_inds, 0.7, "Min")
-            boxes, image_inds, points = boxes[pick], image_inds[pick], points[pick]
-
-            boxes_np = boxes.cpu().numpy()
-            points_np = points.cpu().numpy().reshape(-1, 5, 2)
-            inds_np = image_inds.cpu().numpy()
-        return [(boxes_np[inds_np == b].copy(), points_np[inds_np == b].copy()) for b in range(bsz)]
-
 
 # -------------------------------------------------------------------------------------- selection, warp
 
-def select_face(boxes: np.ndarray, shape: tuple[int, int], method: str) -> int:
-    """Index of the face to keep among ``boxes`` (n, >=4) in an image of ``shape`` (H, W)."""
+def select_face(boxes: np.ndarray, shape: tuple[int, int], select: str) -> int:
+    """Index of the face to keep among ``boxes`` (n, >=4) in an image of ``shape`` (H, W): ``select`` is
+    ``largest`` or ``center`` (see the module docstring)."""
     b = np.asarray(boxes, dtype=np.float64)
     area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    if method == "largest":
+    if select == "largest":
         return int(np.argmax(area))
-    if method == "center":
+    if select == "center":
         h, w = shape[:2]
         cx = (b[:, 0] + b[:, 2]) / 2 - w / 2
         cy = (b[:, 1] + b[:, 3]) / 2 - h / 2
         return int(np.argmax(area - 2.0 * (cx * cx + cy * cy)))
-    raise ValueError(f"unknown selection method {method!r}")
+    raise ValueError(f"unknown face selection {select!r}")
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -453,14 +246,14 @@ def empty_record(image_id: str, identity: str, status: str, reason: str, templat
 
 
 def finish_image(rgb: np.ndarray, det: tuple[np.ndarray, np.ndarray], rec: dict, cfg: AlignConfig,
-                 method: str) -> dict:
+                 select: str) -> dict:
     """Select a face, align it (or fall back), fill ``rec``. ``det``: (boxes (n, 5), points (n, 5, 2))."""
     boxes, points = det
     h, w = rgb.shape[:2]
     tpl_pts, size = TEMPLATES[cfg.template]
     rec.update(n_faces=int(len(boxes)), src_width=int(w), src_height=int(h))
     if len(boxes):
-        i = select_face(boxes, (h, w), method)
+        i = select_face(boxes, (h, w), select)
         lm = points[i]
         m = similarity_transform(lm, tpl_pts)
         aligned = transform_points(m, lm)
@@ -510,7 +303,7 @@ def device_failed(exc: BaseException) -> bool:
 
 def _process_chunk(task: tuple[list[dict], str]) -> list[dict]:
     """Decode, detect (same-size images batched), align and encode one chunk of images."""
-    items, method = task
+    items, select = task
     cfg: AlignConfig = _WORKER["cfg"]
     det: Detector = _WORKER["det"]
     out: list[dict] = []
@@ -554,7 +347,7 @@ def _process_chunk(task: tuple[list[dict], str]) -> list[dict]:
         for j, (rec, rgb) in enumerate(group):
             try:
                 d = dets[j] if dets is not None else det.detect(rgb[None])[0]
-                finish_image(rgb, d, rec, cfg, method)
+                finish_image(rgb, d, rec, cfg, select)
             except Exception as exc:  # noqa: BLE001
                 if device_failed(exc):
                     raise
@@ -565,7 +358,7 @@ def _process_chunk(task: tuple[list[dict], str]) -> list[dict]:
     return out
 
 
-def align_items(items: list[dict], cfg: AlignConfig, method: str, *, progress: bool = True,
+def align_items(items: list[dict], cfg: AlignConfig, select: str, *, progress: bool = True,
                 desc: str = "align") -> list[dict]:
     """Align ``items`` (dicts: image_id, identity, src (path or bytes), shard). Returns one record each
     (in input order), with the crop's PNG bytes under ``png``. Runs ``cfg.workers`` processes on CPU."""
@@ -573,9 +366,8 @@ def align_items(items: list[dict], cfg: AlignConfig, method: str, *, progress: b
 
     if not items:
         return []
-    device = cfg.resolved_device()
+    device = resolve_device(cfg.device, "align.device")
     batch = cfg.resolved_batch(device)
-    from .devices import describe
     workers = 1 if device == "cuda" else max(1, int(cfg.workers))
     workers = min(workers, max(1, math.ceil(len(items) / batch)))
     log.info("%s: %s, batch %d, %d worker process(es)", desc, describe(device), batch, workers)
@@ -584,7 +376,7 @@ def align_items(items: list[dict], cfg: AlignConfig, method: str, *, progress: b
     order = sorted(range(len(items)), key=lambda i: (sizes[i], i))
     chunks = [[items[i] for i in order[k:k + batch]] for k in range(0, len(order), batch)]
     results: dict[str, dict] = {}
-    tasks = [(ch, method) for ch in chunks]
+    tasks = [(ch, select) for ch in chunks]
 
     def bar():
         return tqdm(total=len(items), desc=desc, unit="img", disable=not progress, file=sys.stderr,
@@ -615,25 +407,11 @@ def align_items(items: list[dict], cfg: AlignConfig, method: str, *, progress: b
     return [results[it["image_id"]] for it in items]
 
 
-# ------------------------------------------------------------------------------------------ shards, merge
-
-def shard_of(image_id: str, shards: int) -> int:
-    """Stable shard of an image: sha1 of its id, mod ``shards``."""
-    return int(hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:8], 16) % shards
-
+# ------------------------------------------------------------------------------------------ a shard
 
 def records_frame(records: Iterable[dict], with_png: bool) -> pa.Table:
-    cols = MANIFEST_COLUMNS + (["png"] if with_png else [])
-    recs = list(records)
-    data = {c: [r.get(c) for r in recs] for c in cols}
-    schema = SHARD_SCHEMA if with_png else MANIFEST_SCHEMA
-    return pa.table(data, schema=schema)
-
-
-def shard_rows(raw: pd.DataFrame, shard: int, shards: int) -> pd.DataFrame:
-    ids = raw["image_id"].astype(str)
-    mask = np.fromiter((shard_of(i, shards) == shard for i in ids), dtype=bool, count=len(ids))
-    return raw.loc[mask].sort_values("image_id", kind="stable")
+    """The records as an Arrow table: ``SHARD_SCHEMA`` (with the crops' ``png``) or ``MANIFEST_SCHEMA``."""
+    return records_table(records, SHARD_SCHEMA if with_png else MANIFEST_SCHEMA)
 
 
 def align_shard(raw: pd.DataFrame, root: str | os.PathLike, dataset_format: Optional[str], cfg: AlignConfig,
@@ -642,7 +420,7 @@ def align_shard(raw: pd.DataFrame, root: str | os.PathLike, dataset_format: Opti
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} out of range for {shards} shards")
     rows = shard_rows(raw, shard, shards)
-    method = cfg.selection(dataset_format)
+    select = cfg.select_for(dataset_format)
     root = Path(root)
     carried, todo = [], []
     for r in rows.itertuples(index=False):
@@ -655,35 +433,17 @@ def align_shard(raw: pd.DataFrame, root: str | os.PathLike, dataset_format: Opti
                      "width": None if pd.isna(r.width) else int(r.width),
                      "height": None if pd.isna(r.height) else int(r.height)})
     log.info("shard %d/%d: %d images to align, %d carried raw failures, select=%s", shard, shards, len(todo),
-             len(carried), method)
+             len(carried), select)
     t0 = time.perf_counter()
-    done = align_items(todo, cfg, method, progress=progress, desc=f"align shard {shard}")
+    done = align_items(todo, cfg, select, progress=progress, desc=f"align shard {shard}")
     dt = time.perf_counter() - t0
     log.info("shard %d: %d images in %.1f s (%.1f img/s)", shard, len(todo), dt, len(todo) / max(dt, 1e-9))
     out = sorted(carried + done, key=lambda r: r["image_id"])
     return out
 
 
-def merge_shards(shard_paths: Sequence[str | os.PathLike], raw: Optional[pd.DataFrame] = None) -> pd.DataFrame:
-    """Concatenate the shards' manifest columns (not the PNGs); check every raw row appears exactly once."""
-    tables = [pq.read_table(p, columns=MANIFEST_COLUMNS) for p in shard_paths]
-    df = pa.concat_tables(tables).to_pandas() if tables else records_frame([], False).to_pandas()
-    df = df.sort_values("image_id", kind="stable").reset_index(drop=True)
-    dup = df["image_id"][df["image_id"].duplicated()]
-    if len(dup):
-        raise ValueError(f"{len(dup)} images appear in more than one shard, e.g. {dup.iloc[0]!r}")
-    if raw is not None:
-        want = set(raw["image_id"].astype(str))
-        have = set(df["image_id"])
-        missing, extra = want - have, have - want
-        if missing or extra:
-            raise ValueError(f"aligned manifest does not match raw manifest: {len(missing)} missing "
-                             f"(e.g. {sorted(missing)[:3]}), {len(extra)} unexpected (e.g. {sorted(extra)[:3]})")
-    return df
-
-
 def summarize(df: pd.DataFrame, fit_px: float = 3.0) -> dict:
-    """Counts and rates of an aligned manifest (the numbers issue 3 asks for)."""
+    """Counts and rates of an aligned manifest: detection rate, fallbacks, multi-face images, fit error."""
     status = df["status"].value_counts().to_dict()
     n = len(df)
     ok = int((df["status"] == "ok").sum())
@@ -705,21 +465,12 @@ def summarize(df: pd.DataFrame, fit_px: float = 3.0) -> dict:
     }
 
 
-def read_crops(shard_path: str | os.PathLike, image_ids: Optional[Iterable[str]] = None) -> dict[str, bytes]:
-    """PNG bytes of the crops in a shard file, by image_id (all, or the given ones)."""
-    t = pq.read_table(shard_path, columns=["image_id", "png"])
-    ids = t.column("image_id").to_pylist()
-    pngs = t.column("png").to_pylist()
-    want = None if image_ids is None else set(image_ids)
-    return {i: p for i, p in zip(ids, pngs) if p is not None and (want is None or i in want)}
-
-
 def redetect_fidelity(crops: Mapping[str, bytes], cfg: AlignConfig, *, pad: int = 48) -> pd.DataFrame:
     """Re-detect landmarks on aligned crops (padded with ``pad`` px of edge replication so that MTCNN sees a
     whole face) and measure their mean distance to the template. One row per crop."""
     from .imageio import decode_png
     tpl, _ = TEMPLATES[cfg.template]
-    det = Detector(cfg.min_face_size, cfg.thresholds, cfg.factor, cfg.resolved_device())
+    det = Detector(cfg.min_face_size, cfg.thresholds, cfg.factor, resolve_device(cfg.device, "align.device"))
     rows = []
     for image_id, png in crops.items():
         crop = decode_png(png)
@@ -794,7 +545,8 @@ def _scan_inputs(inputs: Sequence[str]) -> list[dict]:
     return items
 
 
-def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+def _cli_parser() -> argparse.ArgumentParser:
+    d = AlignConfig.defaults()
     ap = argparse.ArgumentParser(
         prog="maskface align",
         description="Detect faces (MTCNN, facenet-pytorch weights) and align them to the SphereFace 112x96 "
@@ -802,18 +554,35 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
                     "relative path, .png) and OUTDIR/aligned.parquet with one row per input image.")
     ap.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     ap.add_argument("-o", "--output", required=True, help="output folder")
-    ap.add_argument("--template", choices=sorted(TEMPLATES), default=DEFAULTS["template"])
-    ap.add_argument("--min-face-size", type=int, default=DEFAULTS["min_face_size"])
-    ap.add_argument("--thresholds", type=float, nargs=3, default=DEFAULTS["thresholds"])
-    ap.add_argument("--factor", type=float, default=DEFAULTS["factor"])
+    ap.add_argument("--template", choices=sorted(TEMPLATES), default=d["template"])
+    ap.add_argument("--min-face-size", type=int, default=d["min_face_size"])
+    ap.add_argument("--thresholds", type=float, nargs=3, default=d["thresholds"])
+    ap.add_argument("--factor", type=float, default=d["factor"])
     ap.add_argument("--select", choices=["center", "largest"], default="largest",
                     help="face kept when several are found (center: LFW-style centred crops)")
     ap.add_argument("--on-no-face", choices=["skip", "center_crop"], default="skip")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--batch-size", type=int, default=0, help="0: 8 on CPU, 64 on GPU")
-    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="CPU processes")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d["device"])
+    ap.add_argument("--batch-size", type=int, default=d["batch_size"], help="0: 8 on CPU, 64 on GPU")
+    ap.add_argument("--workers", type=int, default=min(d["workers"], os.cpu_count() or 1), help="CPU processes")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _write_crops(recs: Sequence[dict], out: Path) -> None:
+    """Each crop as ``out/<image_id with .png>`` (``<image_id>.png`` where two inputs would share a name)."""
+    used: set[str] = set()
+    for rec in recs:
+        if rec["png"] is not None:
+            name = Path(rec["image_id"]).with_suffix(".png").as_posix()
+            if name in used:                  # a.jpg and a.png in one folder: keep both
+                name = rec["image_id"] + ".png"
+            used.add(name)
+            with atomic_path(out / name) as tmp:
+                tmp.write_bytes(rec["png"])
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _cli_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = AlignConfig.from_mapping(
         dict(template=args.template, min_face_size=args.min_face_size, thresholds=args.thresholds,
@@ -829,21 +598,11 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     recs = align_items(items, cfg, cfg.select, progress=not args.no_progress)
     dt = time.perf_counter() - t0
-    used: set[str] = set()
-    for rec in recs:
-        if rec["png"] is not None:
-            name = Path(rec["image_id"]).with_suffix(".png").as_posix()
-            if name in used:                  # a.jpg and a.png in one folder: keep both
-                name = rec["image_id"] + ".png"
-            used.add(name)
-            dst = out / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(rec["png"])
-    from .manifest import provenance
-    write_table(records_frame(recs, with_png=False), out / "aligned.parquet",
-                provenance("align_cli", cfg.result_subset(), {}, inputs_given=list(args.inputs)))
-    df = records_frame(recs, False).to_pandas()
-    s = summarize(df)
+    _write_crops(recs, out)
+    table = records_frame(recs, with_png=False)
+    write_table(table, out / "aligned.parquet",
+                provenance("align_cli", cfg.result_params(), {}, inputs_given=list(args.inputs)))
+    s = summarize(table.to_pandas())
     print(f"{len(recs)} images in {dt:.1f} s ({len(recs) / max(dt, 1e-9):.1f} img/s): {s['status_counts']}; "
           f"crops and aligned.parquet in {out}")
     return 0

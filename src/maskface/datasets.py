@@ -1,4 +1,4 @@
-"""Datasets: acquisition record, raw manifest (one row per file), LFW pairs protocol.
+"""Datasets: acquisition record, raw manifest (one row per file), LFW's people and pairs protocol.
 
 A dataset is a folder per identity (``format: imagefolder``) or LFW (``format: lfw``: the same layout plus
 the ``pairs.txt`` protocol file). :func:`acquire` turns a config ``source`` (URL, local archive or local
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -264,6 +263,23 @@ def fingerprint(raw: pd.DataFrame) -> str:
     for image_id, digest in sorted(zip(raw["image_id"].astype(str), raw["sha256"].fillna("").astype(str))):
         h.update(f"{image_id}\t{digest}\n".encode())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- LFW people
+
+def lfw_people(images_root: str | os.PathLike) -> dict[str, list[str]]:
+    """{person: sorted image files (relative 'Person/Person_0001.jpg')} of an LFW-layout folder."""
+    root = Path(images_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"LFW images folder not found: {root}")
+    out: dict[str, list[str]] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(f"{d.name}/{f.name}" for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if files:
+            out[d.name] = files
+    if not out:
+        raise ValueError(f"no person folders with images under {root}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- LFW pairs

@@ -1,8 +1,13 @@
 """Open-set face recognition on a video against a gallery: the original project's demo, on our pipeline.
 
+Holds the demo's settings (:class:`DemoConfig`, the ``demo:`` config section), the gallery, video and drawing
+helpers, the threshold from LFW, the run (:func:`run_demo`: gallery, annotated video, detections, summary) and
+the ``maskface demo`` command. The open-set metrics against a test video's ground truth (DIR / FAR) are
+:func:`maskface.evaluate.open_set_metrics`; :func:`score_run` writes them for a run.
+
 Pipeline (:func:`run_demo`)
     The video is decoded with OpenCV, ``batch_size`` frames at a time. Every frame of a batch goes through
-    stage 1's MTCNN :class:`maskface.align.Detector` in one call (frames of a video share one size, which the
+    stage 1's MTCNN :class:`maskface.mtcnn.Detector` in one call (frames of a video share one size, which the
     batched cascade needs); every face found (at least ``min_face_size`` px) is embedded -- all faces of the
     batch in one :meth:`Embedder.embed` call -- with the same embedder the evaluation uses: ``dlib-resnet``
     takes the frame and the MTCNN box (dlib's own 5-point chip inside it), ``sphereface`` takes the 112x96
@@ -45,24 +50,14 @@ Outputs (``OUTPUT`` folder)
     (one row per detected face: frame, time_s, face, x1, y1, x2, y2, det_score, identity -- the name or
     ``unknown`` --, best_identity, score, known), ``summary.json`` (video, gallery, threshold and where it
     came from, counts, timings and frames per second), ``frame_NNNNN.png`` snapshots of the annotated frames
-    with most known faces (``snapshots`` of them) and ``snapshot.png``, the first of those.
-
-Open-set metrics against a ground truth (:func:`open_set_metrics`; the test video of
-:mod:`maskface.testvideo`), per face appearance in a frame, split by clean / masked probes:
-
-* detection-and-identification rate (DIR): share of gallery-person faces that are detected (IoU >= 0.3
-  with the true box) and labelled with the right name (best identity right and score >= threshold);
-* false-alarm rate (FAR): share of unknown-person faces that are detected and accepted as someone;
-* also the detection rate, rank-1 (detected with the right best identity, whatever the score: DIR without
-  the threshold), misidentifications (a gallery person accepted as another), detections matching no true
-  face, a threshold sweep, and appearance-level rates (majority of an appearance's frames).
+    with most known faces (``snapshots`` of them) and ``snapshot.png``, the first of those; with a ground
+    truth (the test video of :mod:`maskface.testvideo`), ``metrics.json`` and ``metrics.md``.
 """
 from __future__ import annotations
 
 import argparse
 import colorsys
 import hashlib
-import json
 import logging
 import math
 import os
@@ -70,14 +65,23 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from .features import embedder_from_model   # the demo's embedders are the evaluation's models
+from .align import align_face, select_face
+from .datasets import lfw_people
+from .devices import resolve_device
+from .evaluate import FeatureTable, metrics_markdown, open_set_metrics
+from .features import FaceInput, embedder_from_model   # the demo's embedders are the evaluation's models
+from .fileio import atomic_path, write_json, write_text
 from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
+from .manifest import provenance, write_parquet
+from .mask.api import MaskFailed, wearing_masker
+from .mtcnn import Detector
+from .stageconfig import StageConfig, floats, setting
 
 log = logging.getLogger("maskface.demo")
 
@@ -85,7 +89,6 @@ UNKNOWN = "unknown"
 UNKNOWN_COLOUR_BGR = (170, 170, 170)
 DET_COLUMNS = ["frame", "time_s", "face", "x1", "y1", "x2", "y2", "det_score", "identity", "best_identity",
                "score", "known"]
-SWEEP = tuple(round(t, 2) for t in np.arange(0.0, 1.0001, 0.01))
 
 
 class DemoError(Exception):
@@ -101,28 +104,21 @@ class GalleryError(DemoError):
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    threshold: Optional[float] = None      # cosine; None: the embedder's measured default (dlib-resnet only)
-    min_face_size: int = 40                # MTCNN minsize in the frames (px)
-    det_thresholds: tuple = (0.6, 0.7, 0.7)  # facenet-pytorch's; SphereFace's O-net 0.9 misses masked faces
-    factor: float = 0.709                  # MTCNN pyramid factor (facenet-pytorch's default; 0.85 = SphereFace)
-    batch_size: int = 8                    # frames per detector call
-    device: str = "auto"
-    masked_gallery: bool = False
-    gallery_no_face: str = "error"         # error | skip
-    max_frames: int = 0                    # 0: every frame
-    snapshots: int = 1                     # annotated frames saved as PNG (the ones with most known faces)
+class DemoConfig(StageConfig):
+    """The demo's settings: the ``demo:`` section of the workflow config (its other keys are the rules')."""
+    section: ClassVar[str] = "demo"
 
-    @classmethod
-    def from_mapping(cls, d: Optional[Mapping[str, Any]] = None, **overrides) -> "DemoConfig":
-        d = dict(d or {})
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "det_thresholds" in kw:
-            kw["det_thresholds"] = tuple(float(t) for t in kw["det_thresholds"])
-        out = cls(**kw)
-        out.validate()
-        return out
+    threshold: Optional[float] = setting(None)   # cosine; None: the embedder's measured default (dlib-resnet only)
+    min_face_size: int = setting(40)             # MTCNN minsize in the frames (px)
+    # MTCNN P-, R-, O-net thresholds: facenet-pytorch's; SphereFace's O-net 0.9 misses masked faces
+    det_thresholds: tuple = setting((0.6, 0.7, 0.7), convert=floats)
+    factor: float = setting(0.709)               # MTCNN pyramid factor (facenet-pytorch's default; 0.85 = SphereFace)
+    batch_size: int = setting(8)                 # frames per detector call
+    device: str = setting("auto", rerun=False)
+    masked_gallery: bool = setting(False)
+    gallery_no_face: str = setting("error")      # error | skip
+    max_frames: int = setting(0)                 # 0: every frame
+    snapshots: int = setting(1)                  # annotated frames saved as PNG (the ones with most known faces)
 
     def validate(self) -> None:
         if self.threshold is not None and not -1.0 <= float(self.threshold) <= 1.0:
@@ -158,18 +154,14 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
-def make_detector(cfg: DemoConfig):
-    from .align import Detector
-    from .features import resolve_device
+def make_detector(cfg: DemoConfig) -> Detector:
     return Detector(cfg.min_face_size, cfg.det_thresholds, cfg.factor, resolve_device(cfg.device, "demo.device"))
 
 
 def face_inputs(embedder, rgb: np.ndarray, boxes: np.ndarray, points: np.ndarray) -> list:
     """What ``embedder`` consumes for each detected face of one image."""
-    from .features import FaceInput
     out = []
     if embedder.input_kind == "aligned":
-        from .align import align_face
         template = (getattr(embedder, "meta", None) or {}).get("template") or "sphereface_112x96"
         for p in points:
             crop, _ = align_face(rgb, np.asarray(p, dtype=np.float64).reshape(5, 2), template)
@@ -242,10 +234,7 @@ def load_gallery(folder: str | os.PathLike, detector, embedder, *, masked: bool 
     items = scan_gallery(folder)
     masker = None
     if masked:
-        from .testvideo import mask_api
-        masker, why = mask_api()
-        if masker is None:
-            raise GalleryError(f"masked_gallery asked for but the mask stage is unavailable: {why}")
+        masker = wearing_masker()
     faces, idents, files, skipped = [], [], [], []
     for k, (ident, path) in enumerate(items):
         try:
@@ -255,7 +244,6 @@ def load_gallery(folder: str | os.PathLike, detector, embedder, *, masked: bool 
         except OSError as exc:
             raise GalleryError(f"gallery image {path}: cannot read: {exc}") from None
         if masker is not None:
-            from .testvideo import MaskFailed
             try:
                 rgb = masker(rgb, mask_seed + k, f"{ident}/{path.name}")
             except MaskFailed as exc:
@@ -270,7 +258,6 @@ def load_gallery(folder: str | os.PathLike, detector, embedder, *, masked: bool 
                 skipped.append({"identity": ident, "file": str(path), "reason": "no face detected"})
                 continue
             raise GalleryError(msg)
-        from .align import select_face
         i = select_face(boxes, rgb.shape[:2], "largest")
         if len(boxes) > 1:
             log.info("gallery image %s: %d faces, the largest is used", path, len(boxes))
@@ -380,7 +367,6 @@ def threshold_at_far(features: str | os.PathLike, pairs: str | os.PathLike | pd.
                      far: float) -> dict:
     """The cosine threshold at which at most ``far`` of LFW's impostor pairs are accepted (score >= t),
     from an evaluation features Parquet (clean variant), L2-normalised, no mean subtraction."""
-    from .evaluate import FeatureTable
     if not 0 <= far < 1:
         raise ValueError(f"far {far!r}: must be in [0, 1)")
     table = FeatureTable.read(features)
@@ -420,8 +406,6 @@ def calibrate_on_lfw(images_root: str | os.PathLike, detector, embedder, far: fl
     genuine pairs (TAR at the threshold)."""
     from tqdm import tqdm
 
-    from .align import select_face
-    from .testvideo import lfw_people
     if not 0 <= far < 1:
         raise ValueError(f"far {far!r}: must be in [0, 1)")
     root = Path(images_root)
@@ -497,8 +481,6 @@ def run_demo(video: str | os.PathLike, gallery_dir: str | os.PathLike, output: s
              cfg: DemoConfig | Mapping[str, Any] | None = None, *, embedder=None, model: Optional[Mapping] = None,
              progress: bool = True, threshold_source: Optional[Mapping[str, Any]] = None) -> dict:
     """Annotate ``video`` against ``gallery_dir`` into the folder ``output``; returns the summary."""
-    from tqdm import tqdm
-
     cfg = cfg if isinstance(cfg, DemoConfig) else DemoConfig.from_mapping(cfg)
     t_start = time.perf_counter()
     cap, info = open_video(video)           # fail on a bad video before any model loads
@@ -517,233 +499,167 @@ def run_demo(video: str | os.PathLike, gallery_dir: str | os.PathLike, output: s
         log.info("video %s: %dx%d, %.3g fps%s, %s frames; threshold %.4f (cosine)", info.path, info.width,
                  info.height, info.fps, " (assumed)" if info.fps_assumed else "",
                  info.frame_count if info.frame_count > 0 else "?", cfg.threshold)
-
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
-        tmp_video = out / ".annotated.tmp.mp4"
-        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), info.fps,
-                                 (info.width, info.height))
-        if not writer.isOpened():
-            raise DemoError(f"OpenCV cannot write an mp4v video to {tmp_video}")
-        rows: list[dict] = []
-        timing = {"decode": 0.0, "detect": 0.0, "embed": 0.0, "draw_write": 0.0}
-        snaps: list[tuple[tuple, np.ndarray]] = []   # ((-known faces, -faces, frame), annotated BGR frame)
-        first_bgr = None
-        total = info.frame_count if info.frame_count > 0 else None
-        if cfg.max_frames and total:
-            total = min(total, cfg.max_frames)
-        n_frames = 0
         t_loop = time.perf_counter()
-        try:
-            bar = tqdm(total=total, desc="demo", unit="frame", disable=not progress, file=sys.stderr,
-                       mininterval=float(os.environ.get("TQDM_MININTERVAL", 1.0)))
-            with bar:
-                it = iter_frame_batches(cap, info, cfg.batch_size, cfg.max_frames)
-                while True:
-                    ta = time.perf_counter()
-                    try:
-                        start, frames = next(it)
-                    except StopIteration:
-                        break
-                    tb = time.perf_counter()
-                    dets = detector.detect(np.stack(frames))
-                    tc = time.perf_counter()
-                    faces, owners = [], []
-                    for j, (boxes, points) in enumerate(dets):
-                        if len(boxes):
-                            faces.extend(face_inputs(embedder, frames[j], boxes, points))
-                            owners.extend((j, k) for k in range(len(boxes)))
-                    emb = embedder.embed(faces) if faces else np.zeros((0, 1), np.float32)
-                    ident, bestn, score = gallery.label(emb, cfg.threshold)
-                    td = time.perf_counter()
-                    per_frame: dict[int, list[dict]] = {j: [] for j in range(len(frames))}
-                    for q, (j, k) in enumerate(owners):
-                        b = dets[j][0][k]
-                        r = {"frame": start + j, "time_s": (start + j) / info.fps, "face": k,
-                             "x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]),
-                             "det_score": float(b[4]), "identity": ident[q], "best_identity": bestn[q],
-                             "score": float(score[q]), "known": ident[q] != UNKNOWN}
-                        per_frame[j].append(r)
-                        rows.append(r)
-                    for j, rgb in enumerate(frames):
-                        bgr = draw_faces(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), per_frame[j])
-                        writer.write(bgr)
-                        if first_bgr is None:
-                            first_bgr = bgr
-                        if cfg.snapshots > 0 and per_frame[j]:   # keep the frames with most known faces
-                            key = (-sum(r["known"] for r in per_frame[j]), -len(per_frame[j]), start + j)
-                            snaps.append((key, bgr))
-                            snaps.sort(key=lambda x: x[0])
-                            del snaps[cfg.snapshots:]
-                    te = time.perf_counter()
-                    timing["decode"] += tb - ta
-                    timing["detect"] += tc - tb
-                    timing["embed"] += td - tc
-                    timing["draw_write"] += te - td
-                    n_frames += len(frames)
-                    bar.update(len(frames))
-                    bar.set_postfix(fps=f"{n_frames / max(te - t_loop, 1e-9):.2f}", faces=len(rows))
-        finally:
-            writer.release()
-        os.replace(tmp_video, out / "annotated.mp4")
+        with atomic_path(out / "annotated.mp4") as tmp:
+            run = annotate_video(cap, info, tmp, detector, embedder, gallery, cfg, progress=progress)
     finally:
         cap.release()
     t_video = time.perf_counter() - t_loop
 
-    det = pd.DataFrame(rows, columns=DET_COLUMNS)
-    from .manifest import provenance, write_json, write_parquet
-    prov = provenance("demo", {**asdict(cfg), "model": dict(model or {})}, {}, embedder=embedder.describe())
-    write_parquet(det, out / "detections.parquet", prov)
-    det.to_csv(out / "detections.csv", index=False, float_format="%.4f")
-    snapshots = []
-    for (_, _, f), bgr in sorted(snaps, key=lambda x: x[0][2]):
-        p = out / f"frame_{f:05d}.png"
-        cv2.imwrite(str(p), bgr)
-        snapshots.append(p.name)
-    # the frame with most known faces (then most faces, then earliest) under a fixed name; frame 0 if no face
-    if snaps or first_bgr is not None:
-        cv2.imwrite(str(out / "snapshot.png"), snaps[0][1] if snaps else first_bgr)
-    fps = n_frames / max(t_video, 1e-9)
+    det = write_detections(out, run.rows, cfg, model, embedder)
+    seconds = {"gallery": round(t_gallery, 3), "video": round(t_video, 3),
+               "total": round(time.perf_counter() - t_start, 3), **{k: round(v, 3) for k, v in run.timing.items()}}
     summary = {
         "video": asdict(info), "gallery": {"folder": str(gallery_dir), "identities": gallery.names,
                                            "files": gallery.files, "skipped": gallery.skipped,
                                            "masked": cfg.masked_gallery},
         "threshold": float(cfg.threshold), "threshold_source": threshold_source,
-        "config": asdict(cfg), "embedder": embedder.describe(), "frames": n_frames, "faces": int(len(det)),
+        "config": asdict(cfg), "embedder": embedder.describe(), "frames": run.frames, "faces": int(len(det)),
         "known_faces": int(det["known"].sum()) if len(det) else 0,
         "faces_per_identity": det["identity"].value_counts().sort_index().to_dict() if len(det) else {},
-        "seconds": {"gallery": round(t_gallery, 3), "video": round(t_video, 3),
-                    "total": round(time.perf_counter() - t_start, 3), **{k: round(v, 3) for k, v in timing.items()}},
-        "fps": fps, "faces_per_s": len(det) / max(t_video, 1e-9), "snapshots": snapshots,
+        "seconds": seconds, "fps": run.frames / max(t_video, 1e-9), "faces_per_s": len(det) / max(t_video, 1e-9),
+        "snapshots": write_snapshots(out, run),
         "outputs": {"video": "annotated.mp4", "detections": "detections.parquet", "csv": "detections.csv"},
     }
     write_json(summary, out / "summary.json")
     log.info("%d frames, %d faces (%d known) in %.1f s: %.2f frames/s, %.2f faces/s (detect %.1f s, embed %.1f "
-             "s, decode %.1f s, draw+write %.1f s) -> %s", n_frames, len(det), summary["known_faces"], t_video,
-             fps, summary["faces_per_s"], timing["detect"], timing["embed"], timing["decode"],
-             timing["draw_write"], out)
+             "s, decode %.1f s, draw+write %.1f s) -> %s", run.frames, len(det), summary["known_faces"], t_video,
+             summary["fps"], summary["faces_per_s"], run.timing["detect"], run.timing["embed"],
+             run.timing["decode"], run.timing["draw_write"], out)
     return summary
 
 
-# ------------------------------------------------------------------------------------------- metrics
+@dataclass
+class Annotation:
+    """What annotating a video gave: one row per face (:data:`DET_COLUMNS`), the annotated frames kept as
+    snapshots (``snapshots`` of them: most known faces, then most faces, then earliest), counts and timings."""
+    snapshots: int = 1
+    rows: list[dict] = field(default_factory=list)
+    snaps: list[tuple[tuple, np.ndarray]] = field(default_factory=list)  # ((-known, -faces, frame), BGR), best first
+    first_bgr: Optional[np.ndarray] = None
+    frames: int = 0
+    timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("decode", "detect", "embed",
+                                                                            "draw_write"), 0.0))
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of boxes a (n, 4) and b (m, 4)."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda z: np.clip(z[:, 2] - z[:, 0], 0, None) * np.clip(z[:, 3] - z[:, 1], 0, None)  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
-def match_detections(det: pd.DataFrame, gt: pd.DataFrame, iou_min: float = 0.3) -> pd.DataFrame:
-    """Ground truth rows with the matched detection's best_identity, score, iou (greedy by IoU per frame;
-    a detection matches at most one true face). Unmatched: NaN score. Adds ``det_index``."""
-    gt = gt.reset_index(drop=True).copy()
-    gt["det_index"] = -1
-    gt["iou"] = 0.0
-    gt["best_identity"] = None
-    gt["score"] = np.nan
-    det = det.reset_index(drop=True)
-    dby = {f: g for f, g in det.groupby("frame")}
-    for f, g in gt.groupby("frame"):
-        d = dby.get(f)
-        if d is None or not len(d):
-            continue
-        gb = np.stack([np.asarray(b, float) for b in g["bbox"]])
-        db = d[["x1", "y1", "x2", "y2"]].to_numpy(float)
-        m = _iou(gb, db)
-        pairs = sorted(((m[i, j], i, j) for i in range(m.shape[0]) for j in range(m.shape[1])
-                        if m[i, j] >= iou_min), reverse=True)
-        used_g, used_d = set(), set()
-        for v, i, j in pairs:
-            if i in used_g or j in used_d:
-                continue
-            used_g.add(i)
-            used_d.add(j)
-            gi, dj = g.index[i], d.index[j]
-            gt.loc[gi, ["det_index", "iou", "best_identity", "score"]] = [int(dj), float(v),
-                                                                          det.at[dj, "best_identity"],
-                                                                          float(det.at[dj, "score"])]
-    gt["det_index"] = gt["det_index"].astype(int)
-    return gt
+    def add_frame(self, frame: int, faces: list[dict], bgr: np.ndarray) -> None:
+        self.rows.extend(faces)
+        if self.first_bgr is None:
+            self.first_bgr = bgr
+        if self.snapshots > 0 and faces:   # keep the frames with most known faces
+            self.snaps.append(((-sum(r["known"] for r in faces), -len(faces), frame), bgr))
+            self.snaps.sort(key=lambda x: x[0])
+            del self.snaps[self.snapshots:]
 
 
-def _rates(m: pd.DataFrame, t: float) -> dict:
-    known, unk = m[m["known"]], m[~m["known"]]
-    det_k = known["det_index"] >= 0
-    acc_k = det_k & (known["score"] >= t)
-    rank1 = det_k & (known["best_identity"] == known["identity"])
-    right = acc_k & rank1
-    det_u = unk["det_index"] >= 0
-    fa = det_u & (unk["score"] >= t)
-    nk, nu = len(known), len(unk)
-    return {
-        "known_faces": nk, "dir": float(right.mean()) if nk else None,
-        "rank1": float(rank1.mean()) if nk else None,
-        "known_detected": float(det_k.mean()) if nk else None,
-        "misidentified": float((acc_k & ~right).mean()) if nk else None,
-        "known_rejected": float((det_k & ~acc_k).mean()) if nk else None,
-        "unknown_faces": nu, "far": float(fa.mean()) if nu else None,
-        "unknown_detected": float(det_u.mean()) if nu else None,
-    }
+def annotate_video(cap: cv2.VideoCapture, info: VideoInfo, path: str | os.PathLike, detector, embedder,
+                   gallery: Gallery, cfg: DemoConfig, *, progress: bool = True) -> Annotation:
+    """Detect, embed, label and draw the faces of every frame (``batch_size`` frames at a time) and write the
+    annotated frames to an mp4v video at ``path``."""
+    from tqdm import tqdm
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), info.fps, (info.width, info.height))
+    if not writer.isOpened():
+        raise DemoError(f"OpenCV cannot write an mp4v video to {path}")
+    run = Annotation(snapshots=cfg.snapshots)
+    total = info.frame_count if info.frame_count > 0 else None
+    if cfg.max_frames and total:
+        total = min(total, cfg.max_frames)
+    t_loop = time.perf_counter()
+    try:
+        bar = tqdm(total=total, desc="demo", unit="frame", disable=not progress, file=sys.stderr,
+                   mininterval=float(os.environ.get("TQDM_MININTERVAL", 1.0)))
+        with bar:
+            it = iter_frame_batches(cap, info, cfg.batch_size, cfg.max_frames)
+            while True:
+                ta = time.perf_counter()
+                try:
+                    start, frames = next(it)
+                except StopIteration:
+                    break
+                tb = time.perf_counter()
+                dets = detector.detect(np.stack(frames))
+                tc = time.perf_counter()
+                per_frame = label_faces(frames, dets, start, info.fps, embedder, gallery, cfg.threshold)
+                td = time.perf_counter()
+                for j, rgb in enumerate(frames):
+                    bgr = draw_faces(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), per_frame[j])
+                    writer.write(bgr)
+                    run.add_frame(start + j, per_frame[j], bgr)
+                te = time.perf_counter()
+                for k, dt in (("decode", tb - ta), ("detect", tc - tb), ("embed", td - tc), ("draw_write", te - td)):
+                    run.timing[k] += dt
+                run.frames += len(frames)
+                bar.update(len(frames))
+                bar.set_postfix(fps=f"{run.frames / max(te - t_loop, 1e-9):.2f}", faces=len(run.rows))
+    finally:
+        writer.release()
+    return run
 
 
-def _appearance_rates(m: pd.DataFrame, t: float) -> dict:
-    """Per appearance: identified when the right name is given in more than half of its frames; a false
-    alarm when an unknown appearance is accepted as someone in more than half of its frames."""
-    if "appearance" not in m.columns or not len(m):
-        return {}
-    mm = m.assign(ok=(m["det_index"] >= 0) & (m["score"] >= t) & (m["best_identity"] == m["identity"]),
-                  acc=(m["det_index"] >= 0) & (m["score"] >= t))
-    g = mm.groupby("appearance").agg(known=("known", "first"), ok=("ok", "mean"), acc=("acc", "mean"))
-    k, u = g[g["known"]], g[~g["known"]]
-    return {"known_appearances": int(len(k)), "dir": float((k["ok"] > 0.5).mean()) if len(k) else None,
-            "unknown_appearances": int(len(u)), "far": float((u["acc"] > 0.5).mean()) if len(u) else None}
+def label_faces(frames: Sequence[np.ndarray], dets: Sequence[tuple], start: int, fps: float, embedder,
+                gallery: Gallery, threshold: float) -> list[list[dict]]:
+    """The rows (:data:`DET_COLUMNS`) of each frame of a batch (first frame ``start``): every detected face is
+    embedded (one call for the batch) and labelled against the gallery at ``threshold``."""
+    faces, owners = [], []
+    for j, (boxes, points) in enumerate(dets):
+        if len(boxes):
+            faces.extend(face_inputs(embedder, frames[j], boxes, points))
+            owners.extend((j, k) for k in range(len(boxes)))
+    emb = embedder.embed(faces) if faces else np.zeros((0, 1), np.float32)
+    ident, bestn, score = gallery.label(emb, threshold)
+    per_frame: list[list[dict]] = [[] for _ in frames]
+    for q, (j, k) in enumerate(owners):
+        b = dets[j][0][k]
+        per_frame[j].append({"frame": start + j, "time_s": (start + j) / fps, "face": k,
+                             "x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]),
+                             "det_score": float(b[4]), "identity": ident[q], "best_identity": bestn[q],
+                             "score": float(score[q]), "known": ident[q] != UNKNOWN})
+    return per_frame
 
 
-def open_set_metrics(det: pd.DataFrame, gt: pd.DataFrame, threshold: float, *, iou_min: float = 0.3,
-                     sweep: Sequence[float] = SWEEP, frames: Optional[int] = None) -> dict:
-    """DIR / FAR (and more) at ``threshold`` for all, clean and masked probes; a threshold sweep.
-    ``frames``: only the first ``frames`` frames were processed (the ground truth of later ones is ignored)."""
-    if frames is not None:
-        gt = gt[gt["frame"] < frames]
-    m = match_detections(det, gt, iou_min)
-    subsets = {"all": m, "clean": m[~m["masked"]], "masked": m[m["masked"]]}
-    matched = set(m.loc[m["det_index"] >= 0, "det_index"])
-    extra = det.reset_index(drop=True)
-    extra = extra[~extra.index.isin(matched)]
-    res: dict[str, Any] = {
-        "threshold": float(threshold), "iou_min": iou_min,
-        "at_threshold": {k: _rates(v, threshold) for k, v in subsets.items()},
-        "appearances": {k: _appearance_rates(v, threshold) for k, v in subsets.items()},
-        "unmatched_detections": int(len(extra)),
-        "unmatched_accepted": int((extra["score"] >= threshold).sum()) if len(extra) else 0,
-        "sweep": [{"threshold": float(t), **{f"{k}_{q}": _rates(v, t)[q] for k, v in subsets.items()
-                                              for q in ("dir", "far")}} for t in sweep],
-    }
-    return res
+def write_detections(out: Path, rows: list[dict], cfg: DemoConfig, model: Optional[Mapping], embedder
+                     ) -> pd.DataFrame:
+    """``detections.parquet`` (with the run's provenance) and ``detections.csv``."""
+    det = pd.DataFrame(rows, columns=DET_COLUMNS)
+    prov = provenance("demo", {**asdict(cfg), "model": dict(model or {})}, {}, embedder=embedder.describe())
+    write_parquet(det, out / "detections.parquet", prov)
+    with atomic_path(out / "detections.csv") as tmp:
+        det.to_csv(tmp, index=False, float_format="%.4f")
+    return det
 
 
-def metrics_markdown(res: Mapping[str, Any]) -> str:
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    lines = [f"Open-set results at cosine threshold {res['threshold']:.4f} (IoU >= {res['iou_min']}):", "",
-             "| probes | gallery-person faces | DIR | detected | rank-1 (no threshold) | misidentified | "
-             "unknown faces | FAR | appearance DIR | appearance FAR |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for k, r in res["at_threshold"].items():
-        a = res["appearances"].get(k, {})
-        lines.append(f"| {k} | {r['known_faces']} | {pct(r['dir'])} | {pct(r['known_detected'])} | "
-                     f"{pct(r['rank1'])} | "
-                     f"{pct(r['misidentified'])} | {r['unknown_faces']} | {pct(r['far'])} | {pct(a.get('dir'))} | "
-                     f"{pct(a.get('far'))} |")
-    lines.append("")
-    lines.append(f"Detections matching no true face: {res['unmatched_detections']} "
-                 f"({res['unmatched_accepted']} accepted as someone).")
-    return "\n".join(lines) + "\n"
+def write_snapshots(out: Path, run: Annotation) -> list[str]:
+    """``frame_NNNNN.png`` of the kept frames and ``snapshot.png``; the names of the former."""
+    names = []
+    for (_, _, f), bgr in sorted(run.snaps, key=lambda x: x[0][2]):
+        names.append(_write_png(out / f"frame_{f:05d}.png", bgr))
+    # the frame with most known faces (then most faces, then earliest) under a fixed name; frame 0 if no face
+    if run.snaps or run.first_bgr is not None:
+        _write_png(out / "snapshot.png", run.snaps[0][1] if run.snaps else run.first_bgr)
+    return names
+
+
+def _write_png(path: Path, bgr: np.ndarray) -> str:
+    with atomic_path(path) as tmp:
+        cv2.imwrite(str(tmp), bgr)
+    return path.name
+
+
+def score_run(output: str | os.PathLike, ground_truth: str | os.PathLike, threshold: float, frames: int, *,
+              extra: Optional[Mapping[str, Any]] = None, note: str = "") -> str:
+    """The open-set metrics (:func:`maskface.evaluate.open_set_metrics`) of the run in ``output`` against a test
+    video's ground truth, over its first ``frames`` frames: ``metrics.json`` (with ``extra``) and
+    ``metrics.md`` (ending with ``note``); returns the markdown."""
+    out = Path(output)
+    det = pd.read_parquet(out / "detections.parquet")
+    res = open_set_metrics(det, pd.read_parquet(ground_truth), threshold, frames=frames)
+    res.update(extra or {})
+    write_json(res, out / "metrics.json")
+    md = metrics_markdown(res) + note
+    write_text(md, out / "metrics.md")
+    return md
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -811,14 +727,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
                            progress=not args.no_progress, threshold_source=source if cfg.threshold is not None else None)
         cfg = replace(cfg, threshold=summary["threshold"])
         if args.ground_truth:
-            det = pd.read_parquet(Path(args.output) / "detections.parquet")
-            res = open_set_metrics(det, pd.read_parquet(args.ground_truth), cfg.threshold,
-                                   frames=summary["frames"])
-            from .manifest import write_json
-            write_json(res, Path(args.output) / "metrics.json")
-            md = metrics_markdown(res)
-            (Path(args.output) / "metrics.md").write_text(md)
-            print(md)
+            print(score_run(args.output, args.ground_truth, cfg.threshold, summary["frames"]))
     except (DemoError, ValueError, FileNotFoundError) as exc:
         print(f"maskface demo: error: {exc}", file=sys.stderr)
         return 2

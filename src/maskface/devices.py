@@ -116,18 +116,25 @@ def _why_no_cuda() -> str:
     return f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees no CUDA device"
 
 
-def resolve(device: str, key: str) -> str:
-    """``cuda`` or ``cpu`` for a stage's ``device`` setting (``auto``, ``cpu``, ``cuda``); ``key`` names the
-    setting in errors (e.g. ``train.device``)."""
+def resolve_device(device: str, key: str, rank: Optional[int] = None) -> str:
+    """The one device resolution of every stage: ``cpu`` or ``cuda`` (``cuda:<rank>`` for a rank of a
+    multi-GPU run) for a stage's ``device`` setting (``auto``, ``cpu``, ``cuda``); ``key`` names the setting in
+    errors (e.g. ``train.device``). ``auto`` is CUDA when it can be used; when the job was given a GPU and CUDA
+    cannot be used it fails with the reason instead of running on the CPU."""
     import torch
 
     if device not in ("auto", "cpu", "cuda"):
         raise DeviceError(f"{key} must be auto, cpu or cuda, got {device!r}")
     if device == "cpu":
         return "cpu"
-    claim_gpus(1)     # a workstation with several GPUs: a free one, before CUDA starts
+    claim_gpus(1)     # a workstation with several GPUs: a free one, before CUDA starts (ranks never claim)
     if torch.cuda.is_available():
-        return "cuda"
+        if rank is None:
+            return "cuda"
+        if rank >= torch.cuda.device_count():
+            raise DeviceError(f"rank {rank} needs cuda:{rank} but this job sees {torch.cuda.device_count()} "
+                              f"GPU(s): ask for as many GPUs as train.gpus")
+        return f"cuda:{rank}"
     if device == "cuda":
         raise DeviceError(f"{key} is cuda but CUDA cannot be used: {_why_no_cuda()}. Set {key}: auto or cpu.")
     reserved = gpu_reserved()

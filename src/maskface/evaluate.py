@@ -1,6 +1,6 @@
 """Evaluation: LFW 10-fold verification (SphereFace's evaluation.m), ROC / AUC / TAR@FAR, SphereFace's angular
-Fisher score, identification on folder-per-identity sets, and the writers of results (JSON, markdown table,
-ROC plot, summary across models and runs).
+Fisher score, identification on folder-per-identity sets, the open-set metrics of the demo's test video (DIR /
+FAR), and the writers of results (JSON, markdown tables, ROC plot, summary across models and runs).
 
 LFW 10-fold verification (``verify_10fold``), exactly as wy1iu/sphereface ``test/code/evaluation.m``:
 
@@ -35,19 +35,31 @@ On LFW's 3,000 impostor pairs, FAR 1e-3 means at most 3 accepted impostors: a co
 Protocols on LFW (``lfw_protocols``): ``clean`` (both faces unmasked), ``mixed`` (pair's ``b`` masked, the
 probe; ``a`` clean), ``masked`` (both masked). Features come from a Parquet table with one row per
 (``image_id``, ``variant``) where variant is ``clean`` or ``masked`` (see maskface.features).
+
+Open-set metrics of a demo run against a ground truth (:func:`open_set_metrics`; the test video of
+:mod:`maskface.testvideo`, the detections of :mod:`maskface.demo`), per face appearance in a frame, split by
+clean / masked probes:
+
+* detection-and-identification rate (DIR): share of gallery-person faces that are detected (IoU >= 0.3
+  with the true box) and labelled with the right name (best identity right and score >= threshold);
+* false-alarm rate (FAR): share of unknown-person faces that are detected and accepted as someone;
+* also the detection rate, rank-1 (detected with the right best identity, whatever the score: DIR without
+  the threshold), misidentifications (a gallery person accepted as another), detections matching no true
+  face, a threshold sweep, and appearance-level rates (majority of an appearance's frames).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+
+from .fileio import atomic_path, read_json, write_json, write_text
 
 METRICS = ("cosine", "euclidean")
 PROTOCOLS = {  # name -> (variant of pair side a, variant of pair side b)
@@ -56,6 +68,7 @@ PROTOCOLS = {  # name -> (variant of pair side a, variant of pair side b)
     "masked": ("masked", "masked"),
 }
 FARS = (1e-2, 1e-3)
+SWEEP = tuple(round(t, 2) for t in np.arange(0.0, 1.0001, 0.01))   # open-set thresholds
 
 
 def far_key(far: float) -> str:
@@ -481,6 +494,127 @@ def identification(features: FeatureTable, image_ids: Sequence[str], settings: P
     return out
 
 
+# ------------------------------------------------------------------------------- open-set (the demo's video)
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of boxes a (n, 4) and b (m, 4)."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda z: np.clip(z[:, 2] - z[:, 0], 0, None) * np.clip(z[:, 3] - z[:, 1], 0, None)  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def match_detections(det: pd.DataFrame, gt: pd.DataFrame, iou_min: float = 0.3) -> pd.DataFrame:
+    """Ground truth rows with the matched detection's best_identity, score, iou (greedy by IoU per frame;
+    a detection matches at most one true face). Unmatched: NaN score. Adds ``det_index``."""
+    gt = gt.reset_index(drop=True).copy()
+    gt["det_index"] = -1
+    gt["iou"] = 0.0
+    gt["best_identity"] = None
+    gt["score"] = np.nan
+    det = det.reset_index(drop=True)
+    dby = {f: g for f, g in det.groupby("frame")}
+    for f, g in gt.groupby("frame"):
+        d = dby.get(f)
+        if d is None or not len(d):
+            continue
+        gb = np.stack([np.asarray(b, float) for b in g["bbox"]])
+        db = d[["x1", "y1", "x2", "y2"]].to_numpy(float)
+        m = _iou(gb, db)
+        pairs = sorted(((m[i, j], i, j) for i in range(m.shape[0]) for j in range(m.shape[1])
+                        if m[i, j] >= iou_min), reverse=True)
+        used_g, used_d = set(), set()
+        for v, i, j in pairs:
+            if i in used_g or j in used_d:
+                continue
+            used_g.add(i)
+            used_d.add(j)
+            gi, dj = g.index[i], d.index[j]
+            gt.loc[gi, ["det_index", "iou", "best_identity", "score"]] = [int(dj), float(v),
+                                                                          det.at[dj, "best_identity"],
+                                                                          float(det.at[dj, "score"])]
+    gt["det_index"] = gt["det_index"].astype(int)
+    return gt
+
+
+def _rates(m: pd.DataFrame, t: float) -> dict:
+    known, unk = m[m["known"]], m[~m["known"]]
+    det_k = known["det_index"] >= 0
+    acc_k = det_k & (known["score"] >= t)
+    rank1 = det_k & (known["best_identity"] == known["identity"])
+    right = acc_k & rank1
+    det_u = unk["det_index"] >= 0
+    fa = det_u & (unk["score"] >= t)
+    nk, nu = len(known), len(unk)
+    return {
+        "known_faces": nk, "dir": float(right.mean()) if nk else None,
+        "rank1": float(rank1.mean()) if nk else None,
+        "known_detected": float(det_k.mean()) if nk else None,
+        "misidentified": float((acc_k & ~right).mean()) if nk else None,
+        "known_rejected": float((det_k & ~acc_k).mean()) if nk else None,
+        "unknown_faces": nu, "far": float(fa.mean()) if nu else None,
+        "unknown_detected": float(det_u.mean()) if nu else None,
+    }
+
+
+def _appearance_rates(m: pd.DataFrame, t: float) -> dict:
+    """Per appearance: identified when the right name is given in more than half of its frames; a false
+    alarm when an unknown appearance is accepted as someone in more than half of its frames."""
+    if "appearance" not in m.columns or not len(m):
+        return {}
+    mm = m.assign(ok=(m["det_index"] >= 0) & (m["score"] >= t) & (m["best_identity"] == m["identity"]),
+                  acc=(m["det_index"] >= 0) & (m["score"] >= t))
+    g = mm.groupby("appearance").agg(known=("known", "first"), ok=("ok", "mean"), acc=("acc", "mean"))
+    k, u = g[g["known"]], g[~g["known"]]
+    return {"known_appearances": int(len(k)), "dir": float((k["ok"] > 0.5).mean()) if len(k) else None,
+            "unknown_appearances": int(len(u)), "far": float((u["acc"] > 0.5).mean()) if len(u) else None}
+
+
+def open_set_metrics(det: pd.DataFrame, gt: pd.DataFrame, threshold: float, *, iou_min: float = 0.3,
+                     sweep: Sequence[float] = SWEEP, frames: Optional[int] = None) -> dict:
+    """DIR / FAR (and more) at ``threshold`` for all, clean and masked probes; a threshold sweep.
+    ``frames``: only the first ``frames`` frames were processed (the ground truth of later ones is ignored)."""
+    if frames is not None:
+        gt = gt[gt["frame"] < frames]
+    m = match_detections(det, gt, iou_min)
+    subsets = {"all": m, "clean": m[~m["masked"]], "masked": m[m["masked"]]}
+    matched = set(m.loc[m["det_index"] >= 0, "det_index"])
+    extra = det.reset_index(drop=True)
+    extra = extra[~extra.index.isin(matched)]
+    res: dict[str, Any] = {
+        "threshold": float(threshold), "iou_min": iou_min,
+        "at_threshold": {k: _rates(v, threshold) for k, v in subsets.items()},
+        "appearances": {k: _appearance_rates(v, threshold) for k, v in subsets.items()},
+        "unmatched_detections": int(len(extra)),
+        "unmatched_accepted": int((extra["score"] >= threshold).sum()) if len(extra) else 0,
+        "sweep": [{"threshold": float(t), **{f"{k}_{q}": _rates(v, t)[q] for k, v in subsets.items()
+                                              for q in ("dir", "far")}} for t in sweep],
+    }
+    return res
+
+
+def metrics_markdown(res: Mapping[str, Any]) -> str:
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    lines = [f"Open-set results at cosine threshold {res['threshold']:.4f} (IoU >= {res['iou_min']}):", "",
+             "| probes | gallery-person faces | DIR | detected | rank-1 (no threshold) | misidentified | "
+             "unknown faces | FAR | appearance DIR | appearance FAR |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, r in res["at_threshold"].items():
+        a = res["appearances"].get(k, {})
+        lines.append(f"| {k} | {r['known_faces']} | {pct(r['dir'])} | {pct(r['known_detected'])} | "
+                     f"{pct(r['rank1'])} | "
+                     f"{pct(r['misidentified'])} | {r['unknown_faces']} | {pct(r['far'])} | {pct(a.get('dir'))} | "
+                     f"{pct(a.get('far'))} |")
+    lines.append("")
+    lines.append(f"Detections matching no true face: {res['unmatched_detections']} "
+                 f"({res['unmatched_accepted']} accepted as someone).")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------- writers
 
 def fmt_pct(x: float) -> str:
@@ -525,10 +659,9 @@ def plot_roc(curves: Mapping[str, tuple], path: str | os.PathLike, title: str = 
     ax.legend(loc="lower right")
     if title:
         ax.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -555,14 +688,39 @@ def evaluate_lfw_features(features: FeatureTable, pairs: pd.DataFrame, settings:
     if extra:
         doc.update(extra)
     if out_json:
-        from .manifest import write_json
-
         write_json(doc, out_json)
     if out_md:
-        Path(out_md).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_md).write_text(markdown_table(doc["protocols"], title=f"{model} on {dataset} ({settings_label(settings)})"))
+        write_text(markdown_table(doc["protocols"], title=f"{model} on {dataset} ({settings_label(settings)})"), out_md)
     if out_png:
         plot_roc({k: (v["scores"], v["same"]) for k, v in res.items()}, out_png, title=f"{model} on {dataset}")
+    return doc
+
+
+def identification_markdown(res: Mapping[str, Any], model: str, dataset: str) -> str:
+    """The table of :func:`identification`'s result: rank-1/5, AUC and TAR@FAR per probe variant."""
+    lines = [f"**{model} on {dataset}: identification ({res['n_identities']} identities, "
+             f"{res['n_probes']} probes)**", "", "| probes | rank-1 | rank-5 | AUC | TAR@1e-2 | TAR@1e-3 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for v, r in res["protocols"].items():
+        t = r.get("tar_at_far", {})
+        lines.append(f"| {v} | {100 * r['rank1']:.2f} | {100 * r['rank5']:.2f} | {r.get('auc', float('nan')):.4f} | "
+                     f"{100 * t.get('1e-2', float('nan')):.2f} | {100 * t.get('1e-3', float('nan')):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_identification_features(features: FeatureTable, settings: ProtocolSettings, *, model: str,
+                                     dataset: str, n_impostors: int, out_json: str, out_md: str, out_png: str,
+                                     extra: Optional[Mapping[str, Any]] = None) -> dict:
+    """Everything for one model on one folder-per-identity dataset: identification over its clean images, the
+    verification ROC of all genuine pairs, and the writers."""
+    ids = sorted({i for i, v in zip(features.image_ids, features.variant_of) if v == "clean"})
+    curves: dict = {}
+    res = identification(features, ids, settings, n_impostors=n_impostors, curves=curves)
+    plot_roc(curves, out_png, title=f"{model} on {dataset}: verification, all genuine pairs")
+    doc = {"model": model, "dataset": dataset, "settings": settings.to_dict(), "identification": res,
+           **(extra or {})}
+    write_json(doc, out_json)
+    write_text(identification_markdown(res, model, dataset), out_md)
     return doc
 
 
@@ -586,7 +744,7 @@ def summarize(json_paths: Iterable[str | os.PathLike]) -> str:
     """Markdown summary: one row per model/run, dataset and protocol; then mean ± std over repeated runs."""
     rows, ident = [], []
     for p in sorted(map(str, json_paths)):
-        doc = json.loads(Path(p).read_text())
+        doc = read_json(p)
         model = doc.get("model") or Path(p).parent.name
         for variant, r in (doc.get("identification") or {}).get("protocols", {}).items():
             ident.append((model, doc.get("run") or "", doc.get("dataset") or Path(p).stem, variant, r))

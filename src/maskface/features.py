@@ -54,13 +54,14 @@ import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from .evaluate import ProtocolSettings
+from .devices import resolve_device
+from .fileio import atomic_path
 
 CHECKPOINT_FORMAT = "maskface-embedder/1"
 VARIANTS = ("clean", "masked")
@@ -296,7 +297,7 @@ class DlibResnetEmbedder(DlibChipEmbedder):
         from .devices import precision_policy
         from .dlibnet import DlibResnet
 
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, "evaluate.device")
         self.precision = precision_policy(self.device)      # features in true fp32 on a GPU
         self.checkpoint = str(checkpoint) if checkpoint else None
         if self.checkpoint:
@@ -349,22 +350,23 @@ def redraw_mask(image: np.ndarray, landmarks68: np.ndarray, image_id: str, mask_
                 wear: str, color: str, texture: str) -> tuple[np.ndarray, np.ndarray]:
     """The mask the mask stage drew on an aligned crop, drawn again on another frame of the same face (the
     source photo): the same type, wear, colour, texture and random parameters (the image's own generator,
-    :func:`maskface.mask.stage.image_rng`), from the stage's 68 landmarks mapped into that frame. Only the
+    :func:`maskface.mask.style.image_rng`), from the stage's 68 landmarks mapped into that frame. Only the
     pixel noise and the light fit follow the new frame. Returns (RGB uint8 image, bool occlusion map).
 
     Embedders that read source images (dlib-resnet cuts its own chip, wider than the 112x96 crop) see the
     stage's mask whole instead of a paste of the crop, whose borders would cut the mask in straight lines."""
     from .mask import render as rd
-    from .mask import stage as mst
-    from .mask.api import _face_region
+    from .mask.config import MaskConfig
+    from .mask.face import face_region
+    from .mask.style import draw_style, image_rng
 
-    cfg = mask_config if isinstance(mask_config, mst.MaskConfig) else mst.MaskConfig.from_mapping(mask_config)
+    cfg = mask_config if isinstance(mask_config, MaskConfig) else MaskConfig.from_mapping(mask_config)
     lm = np.asarray(landmarks68, np.float64).reshape(68, 2)
-    rng = mst.image_rng(cfg, image_id)
-    sty = mst.draw_style(rng, cfg, mask_type=mask_type, wear=wear, color=color, texture=texture)
+    rng = image_rng(cfg, image_id)
+    sty = draw_style(rng, cfg, mask_type=mask_type, wear=wear, color=color, texture=texture)
     img = np.ascontiguousarray(image, dtype=np.uint8)
     out = rd.render(img, lm, sty.mask_type, sty.wear, sty.color, sty.texture, sty.params, rng,
-                    rd.image_stats(_face_region(img, lm)))
+                    rd.image_stats(face_region(img, lm)))
     return out.image, out.occlusion
 
 
@@ -396,11 +398,11 @@ class MaskedSourceLoader(SourceLoader):
 
     def __init__(self, images_root: str | os.PathLike, bboxes: Mapping[str, Optional[Sequence[float]]],
                  masks: Mapping[str, Mapping[str, Any]], mask_config: Any):
-        from .mask import stage as mst
+        from .mask.config import MaskConfig
 
         super().__init__(images_root, bboxes)
         self.masks = dict(masks)
-        self.cfg = mask_config if isinstance(mask_config, mst.MaskConfig) else mst.MaskConfig.from_mapping(mask_config)
+        self.cfg = mask_config if isinstance(mask_config, MaskConfig) else MaskConfig.from_mapping(mask_config)
 
     def __call__(self, image_id: str) -> FaceInput:
         face = super().__call__(image_id)
@@ -499,11 +501,8 @@ def save_checkpoint(path: str | os.PathLike, model, *, arch: str, arch_kwargs: O
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "input": inp, "feature_dim": int(feature_dim), "template": template,
             "eval": dict(eval or {"mean_subtraction": True, "metric": "cosine"}), "meta": dict(meta or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
@@ -537,12 +536,6 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     return net.to(device).eval(), meta
 
 
-def resolve_device(device: str = "auto", key: str = "evaluate.device") -> str:
-    from .devices import resolve
-
-    return resolve(device, key)
-
-
 @register_embedder
 class SphereFaceEmbedder(Embedder):
     name = "sphereface"
@@ -556,7 +549,7 @@ class SphereFaceEmbedder(Embedder):
             raise ValueError(f"flip must be concat, sum or none, got {flip!r}")
         from .devices import precision_policy
 
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, "evaluate.device")
         self.precision = precision_policy(self.device)      # features in true fp32 on a GPU
         self.net, self.meta = load_checkpoint(checkpoint, self.device)
         self.checkpoint = str(checkpoint)
@@ -699,3 +692,114 @@ def embed_all(embedder: Embedder, image_ids: Sequence[str], load: Callable[[str]
             progress(done, len(image_ids))
     matrix = np.concatenate(feats) if feats else np.zeros((0, embedder.dim), np.float32)
     return features_frame(image_ids, variant, matrix, faces)
+
+
+# ------------------------------------------------------------------------------------ the feature job
+
+def usable_faces(aligned: pd.DataFrame, pairs: Optional[pd.DataFrame], log) -> pd.DataFrame:
+    """The rows of the aligned manifest that have a crop or a box (sorted by image_id); with ``pairs``, only
+    the images the pairs name (the ones lacking one are logged: the protocol counts their pairs as errors)."""
+    from .align import ALIGNED_STATUSES
+
+    usable = aligned[aligned["status"].isin(ALIGNED_STATUSES)]
+    if pairs is not None:
+        wanted = set(pairs["a"]) | set(pairs["b"])
+        usable = usable[usable["image_id"].isin(wanted)]
+        lacking = wanted - set(usable["image_id"])
+        if lacking:  # never silently
+            log.warning("%d pair images have no stage-1 crop or box (status not in %s), e.g. %s", len(lacking),
+                        ALIGNED_STATUSES, sorted(lacking)[:3])
+    return usable.sort_values("image_id")
+
+
+def read_crops(shard_paths: Iterable[str | os.PathLike], ids: Iterable[str]) -> dict[str, bytes]:
+    """{image_id: PNG bytes} of the wanted ids from shard files (rows whose png is null are left out: e.g.
+    faces the mask stage did not mask)."""
+    import pyarrow.parquet as pq
+
+    wanted, crops = set(ids), {}
+    for path in shard_paths:
+        t = pq.read_table(path, columns=["image_id", "png"]).to_pandas()
+        t = t[t["image_id"].isin(wanted) & t["png"].notna()]
+        crops.update(zip(t["image_id"], t["png"]))
+    return crops
+
+
+class CropLoader:
+    """``load(image_id) -> FaceInput`` of an aligned (or masked) crop held as PNG bytes."""
+
+    def __init__(self, crops: Mapping[str, bytes]):
+        self.crops = crops
+
+    def __call__(self, image_id: str) -> FaceInput:
+        from .imageio import decode_png
+
+        return FaceInput(decode_png(self.crops[image_id]))
+
+
+def face_loader(emb: Embedder, variant: str, usable: pd.DataFrame, log, *, images_root: str | os.PathLike,
+                masked: Optional[pd.DataFrame] = None, mask_settings: Optional[Mapping[str, Any]] = None,
+                shard_paths: Sequence[str | os.PathLike] = ()) -> tuple[list[str], Callable[[str], FaceInput]]:
+    """(image ids to embed, their loader) for an embedder and a variant:
+    - source-image embedders: the source photo with the stage-1 box; masked: with the mask stage's mask
+      redrawn in it (images the mask stage skipped get no feature);
+    - aligned-crop embedders: the stage-1 crops (clean) or the mask stage's crops (masked), from the shards.
+    Ids without an input are logged, never dropped silently (their pairs count as errors)."""
+    ids = usable["image_id"].tolist()
+    if emb.input_kind == "source" and variant == "masked":
+        mids, load = masked_source_loader(images_root, usable, masked, mask_settings)
+        have = set(mids)
+        what = "were not masked by the mask stage"
+    elif emb.input_kind == "source":
+        return ids, SourceLoader(images_root, {
+            i: (None if s != "ok" or b is None else list(b))
+            for i, s, b in zip(usable["image_id"], usable["status"], usable["bbox"])})
+    else:
+        load = CropLoader(read_crops(shard_paths, ids))
+        have = set(load.crops)
+        what = f"have no {variant} crop"
+    lacking = [i for i in ids if i not in have]
+    if lacking:
+        log.warning("%d of %d images %s; they get no feature", len(lacking), len(ids), what)
+    return [i for i in ids if i in have], load
+
+
+def extract_features(out: str | os.PathLike, *, model: Mapping[str, Any], variant: str,
+                     images_root: str | os.PathLike, aligned: str | os.PathLike,
+                     pairs: Optional[str | os.PathLike] = None, masked: Optional[str | os.PathLike] = None,
+                     shard_paths: Sequence[str | os.PathLike] = (), mask_settings: Optional[Mapping] = None,
+                     device: str = "auto", chunk: int = 256, workers: int = 1, log=None) -> pd.DataFrame:
+    """The feature job: one model's features of one dataset's images (one variant) -> ``out`` (features
+    Parquet with provenance). ``aligned``/``pairs``/``masked``: the stage manifests; ``shard_paths``: the
+    crops of an aligned-crop embedder. Source-image embedders run ``workers`` worker processes (one core
+    each on the CPU; on a GPU they cut the chips and this process runs the network)."""
+    import logging
+    import time
+
+    from .devices import describe
+    from .manifest import provenance
+
+    log = log or logging.getLogger("maskface.features")
+    table = pd.read_parquet(aligned, columns=["image_id", "status", "bbox", "transform", "shard"])
+    usable = usable_faces(table, pd.read_parquet(pairs, columns=["a", "b"]) if pairs else None, log)
+    emb = embedder_from_model(model, device, **({"eval_settings": model["eval"]} if model.get("eval") else {}))
+    log.info("%s: %s", emb.name, describe(getattr(emb, "device", "cpu")))
+    masked_rows = None
+    if emb.input_kind == "source" and variant == "masked":
+        masked_rows = pd.read_parquet(masked, columns=[
+            "image_id", "status", "mask_type", "mask_color", "mask_texture", "wear", "landmarks68"])
+    ids, load = face_loader(emb, variant, usable, log, images_root=images_root, masked=masked_rows,
+                            mask_settings=mask_settings, shard_paths=shard_paths)
+    t0 = time.time()
+
+    def progress(done, total):
+        log.info("%d/%d faces, %.1f/s", done, total, done / max(time.time() - t0, 1e-9))
+
+    df = embed_all(emb, ids, load, variant, chunk=chunk, progress=progress,
+                   workers=workers if emb.input_kind == "source" else 1)
+    log.info("%d features (%s): %s", len(df), emb.name, df["face"].value_counts().to_dict())
+    used = [aligned] + ([masked] if masked else [])
+    prov = provenance("features", {"model": dict(model), "variant": variant, "mask": mask_settings}, used,
+                      embedder=emb.describe())
+    write_features(df, out, prov)
+    return df

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import subprocess
-import tempfile
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .fileio import atomic_path
 
 PROVENANCE_KEY = b"maskface"
 _PACKAGES = (
@@ -116,14 +117,8 @@ def write_table(table: pa.Table, path: str | os.PathLike, prov: Mapping[str, Any
     if prov is not None:
         meta[PROVENANCE_KEY] = json.dumps(prov, sort_keys=True, default=str).encode()
     table = table.replace_schema_metadata(meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=2048)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike, prov: Mapping[str, Any] | None = None,
@@ -136,12 +131,3 @@ def read_provenance(path: str | os.PathLike) -> dict:
     meta = pq.read_schema(path).metadata or {}
     raw = meta.get(PROVENANCE_KEY)
     return json.loads(raw) if raw else {}
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """Atomic, deterministic JSON (sorted keys)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)

@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -99,6 +98,7 @@ INPUT = {"height": 112, "width": 96, "channel_order": "RGB",
 PIXEL_MEAN = 127.5
 PIXEL_STD = 128.0
 
+from .fileio import atomic_path  # noqa: E402
 from .train_config import BASE_CHANNELS, DEPTH_UNITS  # noqa: E402 - torch-free, shared with the estimates
 HEADS = ("softmax", "asoftmax", "cosface", "arcface")
 HEAD_DEFAULTS = {"asoftmax": {"margin": 4, "scale": 30.0}, "cosface": {"margin": 0.35, "scale": 30.0},
@@ -385,11 +385,8 @@ def save_model(path: str | os.PathLike, net: SphereNet, meta: Optional[Mapping[s
             "input": {k: (list(v) if isinstance(v, list) else v) for k, v in INPUT.items()},
             "feature_dim": int(net.feature_dim), "template": "sphereface_112x96",
             "eval": {"mean_subtraction": True, "metric": "cosine"}, "meta": dict(meta or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[SphereNet, dict]:

@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from .fileio import write_text
+
 _CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}h3{font-size:1.05em}
@@ -227,7 +229,4 @@ def build_tables_page(out: str | os.PathLike, *, eval_summary: Optional[str] = N
     stages = [md for md in stages if md]
     if stages:
         sections.append(("Stages", "\n".join(stages)))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
-    tmp.write_text(tables_page(sections))
-    os.replace(tmp, out)
+    write_text(tables_page(sections), out)

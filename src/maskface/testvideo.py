@@ -1,5 +1,9 @@
 """A test video for the open-set demo, composed at run time from real LFW photographs, with its ground truth.
 
+Holds its settings (:class:`VideoSpec`, the ``demo.test_video`` config section) and the builder's steps: the
+plan of appearances, the probe photographs (masked by the mask stage where asked), the rendered frames, and
+the gallery, video, ground truth and ``spec.json`` written by :func:`build_test_video`.
+
 What is built (:func:`build_test_video`), all under one output folder (outside the repository, e.g. in
 ``results/`` or a test's temporary folder: LFW pixels are never committed):
 
@@ -40,20 +44,24 @@ not used), so they share MTCNN's box convention with the demo's detections; they
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from .imageio import IMAGE_EXTENSIONS, load_rgb
+from .datasets import lfw_people
+from .fileio import atomic_path, read_json, write_json
+from .imageio import load_rgb
+from .manifest import provenance, write_parquet
+from .mask.api import MaskFailed, wearing_masker
+from .stageconfig import StageConfig, setting
 
 log = logging.getLogger("maskface.testvideo")
 
@@ -61,35 +69,28 @@ GT_COLUMNS = ["frame", "appearance", "lane", "identity", "known", "masked", "ima
 
 
 @dataclass(frozen=True)
-class VideoSpec:
-    n_known: int = 3             # gallery people
-    n_unknown: int = 3           # people who appear but are not in the gallery
-    gallery_images: int = 1      # gallery photographs per gallery person
-    min_images: int = 6          # a gallery person needs this many LFW photographs (gallery + probes)
-    width: int = 320
-    height: int = 240
-    fps: float = 8.0
-    seconds: float = 4.0
-    lanes: int = 2               # faces on screen at once (side by side)
-    appearance_s: float = 1.5    # how long one appearance lasts
-    known_share: float = 0.5     # share of appearances that show a gallery person
-    masked_fraction: float = 0.5  # share of appearances (known and unknown) wearing a mask
-    mask_wear: Optional[str] = "proper"  # how masks are worn (mask stage's wears); None: the stage's own draw
-    tile: int = 112              # tile side in px (the face is about 0.55 of it)
-    zoom: float = 0.15           # the tile scales by up to +-zoom over an appearance
-    crop: int = 170              # centred square cut from the 250 px LFW photograph
-    seed: int = 0
+class VideoSpec(StageConfig):
+    """The ``demo.test_video`` section of the workflow config, plus ``masked_fraction`` (``demo.masked_probes``);
+    unknown keys are an error (``from_mapping(..., strict=True)``)."""
+    section: ClassVar[str] = "demo.test_video"
 
-    @classmethod
-    def from_mapping(cls, d: Optional[Mapping[str, Any]] = None) -> "VideoSpec":
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown test video settings {unknown}; known: {sorted(known)}")
-        out = cls(**d)
-        out.validate()
-        return out
+    n_known: int = setting(4)              # gallery people
+    n_unknown: int = setting(4)            # people who appear but are not in the gallery
+    gallery_images: int = setting(1)       # gallery photographs per gallery person
+    min_images: int = setting(6)           # a gallery person needs this many LFW photographs (gallery + probes)
+    width: int = setting(320)
+    height: int = setting(240)
+    fps: float = setting(8.0)
+    seconds: float = setting(30.0)
+    lanes: int = setting(2)                # faces on screen at once (side by side)
+    appearance_s: float = setting(2.0)     # how long one appearance lasts
+    known_share: float = setting(0.5)      # share of appearances that show a gallery person
+    masked_fraction: float = setting(0.5)  # share of appearances (known and unknown) wearing a mask
+    mask_wear: Optional[str] = setting("proper")  # how masks are worn (mask stage's wears); None: its own draw
+    tile: int = setting(112)               # tile side in px (the face is about 0.55 of it)
+    zoom: float = setting(0.15)            # the tile scales by up to +-zoom over an appearance
+    crop: int = setting(170)               # centred square cut from the 250 px LFW photograph
+    seed: int = setting(0)
 
     def validate(self) -> None:
         if self.n_known < 1:
@@ -120,49 +121,168 @@ class VideoSpec:
 
 # -------------------------------------------------------------------------------------------- masks
 
-class MaskFailed(ValueError):
-    """The mask stage could not mask this photograph (no face for its detector, profile, ...)."""
+def _masker(spec: VideoSpec) -> tuple[Optional[Callable[..., np.ndarray]], str]:
+    """(the mask stage's masker for the spec's wear, "") or (None, why no appearance is masked)."""
+    if spec.masked_fraction <= 0:
+        return None, "masked_fraction is 0"
+    return wearing_masker(spec.mask_wear), ""
 
 
-def mask_api(wear: Optional[str] = "proper") -> tuple[Optional[Callable[..., np.ndarray]], str]:
-    """(masker, "") from the mask stage's public :func:`maskface.mask.mask_image`, or (None, why not).
+# -------------------------------------------------------------------------------------------- plan
 
-    ``masker(rgb, seed, image_id)`` returns the photograph with a mask drawn on its faces (type, colour and
-    texture drawn by the mask stage, deterministically from seed and image_id; ``wear`` forced unless None)
-    or raises :class:`MaskFailed` when the stage masked no face."""
-    try:
-        from .mask import mask_image
-    except Exception as exc:  # noqa: BLE001 - any import failure means: no masks
-        return None, (f"the mask stage (maskface.mask.mask_image) is unavailable ({type(exc).__name__}: {exc}): "
-                      f"masked probes are skipped")
-
-    def masker(rgb: np.ndarray, seed: int, image_id: str = "") -> np.ndarray:
-        res = mask_image(rgb, seed=seed, image_id=image_id, **({"wear": wear} if wear else {}))
-        if res.status != "ok":
-            raise MaskFailed(f"{image_id or 'image'}: not masked ({res.status}: {res.reason})")
-        if res.image.shape != rgb.shape or res.image.dtype != np.uint8:
-            raise ValueError(f"mask_image returned {res.image.shape} {res.image.dtype} for a {rgb.shape} image")
-        return res.image
-
-    return masker, ""
+def plan_appearances(spec: VideoSpec, people: Mapping[str, list[str]], rng: np.random.Generator,
+                     masks_on: bool) -> tuple[list[str], list[str], dict[str, list[str]], list[dict]]:
+    """Choose gallery people (and their gallery photographs), unknown people, and the appearances."""
+    eligible = sorted(p for p, f in people.items() if len(f) >= spec.min_images)
+    if len(eligible) < spec.n_known:
+        raise ValueError(f"only {len(eligible)} people have >= {spec.min_images} photographs; "
+                         f"{spec.n_known} gallery people asked for")
+    known = sorted(rng.choice(eligible, spec.n_known, replace=False).tolist())
+    others = sorted(p for p in people if p not in set(known))
+    if len(others) < spec.n_unknown:
+        raise ValueError(f"only {len(others)} people outside the gallery; {spec.n_unknown} unknowns asked for")
+    unknown = sorted(rng.choice(others, spec.n_unknown, replace=False).tolist()) if spec.n_unknown else []
+    gallery = {p: [str(f) for f in rng.choice(people[p], spec.gallery_images, replace=False)] for p in known}
+    apps = _schedule(spec)
+    _assign_people(apps, known, unknown, spec.masked_fraction if masks_on else 0.0)
+    return known, unknown, gallery, apps
 
 
-# ------------------------------------------------------------------------------------------- people
+def _schedule(spec: VideoSpec) -> list[dict]:
+    """The appearances' lanes and frame spans, known or not, in order of their first frame."""
+    n_frames, length = spec.n_frames, spec.appearance_frames
+    apps: list[dict] = []
+    k_count = u_count = 0
+    for lane in range(spec.lanes):
+        offset = -((lane * length) // spec.lanes)   # stagger the lanes
+        start = offset
+        while start < n_frames:
+            f0, f1 = max(start, 0), min(start + length, n_frames)
+            if f1 - f0 >= 2:
+                # known share by a running quota (deterministic, evenly spread)
+                is_known = spec.n_unknown == 0 or (k_count + 1) <= spec.known_share * (k_count + u_count + 1)
+                if is_known:
+                    k_count += 1
+                else:
+                    u_count += 1
+                apps.append({"lane": lane, "f0": f0, "f1": f1, "known": bool(is_known)})
+            start += length
+    apps.sort(key=lambda a: (a["f0"], a["lane"]))
+    return apps
 
-def lfw_people(images_root: str | os.PathLike) -> dict[str, list[str]]:
-    """{person: sorted image files (relative 'Person/Person_0001.jpg')} of an LFW-layout folder."""
-    root = Path(images_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"LFW images folder not found: {root}")
-    out: dict[str, list[str]] = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(f"{d.name}/{f.name}" for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        if files:
-            out[d.name] = files
-    if not out:
-        raise ValueError(f"no person folders with images under {root}")
-    return out
 
+def _assign_people(apps: list[dict], known: list[str], unknown: list[str], f: float) -> None:
+    """Persons: cycle through the gallery people / unknowns in order of appearance; masks at the rate ``f``."""
+    counts = {True: 0, False: 0}
+    seen: dict[str, int] = {}
+    for i, a in enumerate(apps):
+        pool = known if a["known"] else unknown
+        n = counts[a["known"]]
+        j = n % len(pool)
+        a["identity"] = pool[j]
+        a["round"] = n // len(pool)
+        counts[a["known"]] += 1
+        # masks per person, spread evenly over their appearances (a Bresenham sequence at the rate f, shifted
+        # by the person's index so that people do not all start the same way): with f = 0.5 every person
+        # alternates, so each is seen both masked and clean
+        k = seen.get(a["identity"], 0) + 1
+        seen[a["identity"]] = k
+        a["masked"] = bool(math.floor(f * (k + j) + 1e-9) > math.floor(f * (k - 1 + j) + 1e-9))
+        a["appearance"] = i
+
+
+# ------------------------------------------------------------------------------------------ probes
+
+@dataclass
+class _Source:
+    image_id: str
+    rgb: np.ndarray          # clean or masked, 250x250
+    box: np.ndarray          # MTCNN box on the clean photograph (x1, y1, x2, y2)
+
+
+def _detect_box(detector, rgb: np.ndarray) -> Optional[np.ndarray]:
+    from .align import select_face
+    boxes, _ = detector.detect(np.array(rgb[None]))[0]   # a writable copy for torch
+    if not len(boxes):
+        return None
+    return np.asarray(boxes[select_face(boxes, rgb.shape[:2], "center"), :4], dtype=np.float64)
+
+
+class _ProbePhotos:
+    """Per person, the photographs not in the gallery, in a seeded order; each appearance takes the next one
+    with a detectable (and, if masked, maskable) face."""
+
+    def __init__(self, root: Path, people: Mapping[str, list[str]], gallery: Mapping[str, list[str]],
+                 persons: list[str], rng: np.random.Generator, detector, masker):
+        self.root, self.detector, self.masker = root, detector, masker
+        self.queues: dict[str, list[str]] = {}
+        for p in persons:
+            cand = [f for f in people[p] if f not in set(gallery.get(p, []))]
+            self.queues[p] = list(rng.permutation(cand)) if cand else []
+        self.used: dict[str, int] = {p: 0 for p in self.queues}
+        self.boxes: dict[str, Optional[np.ndarray]] = {}
+        self.unmaskable: set[str] = set()
+
+    def next(self, person: str, masked: bool, seed: int) -> Optional[_Source]:
+        """The person's next photograph with a detectable (and, if masked, maskable) face, or None."""
+        q = self.queues[person]
+        for _ in range(len(q)):
+            image_id = q[self.used[person] % len(q)]
+            self.used[person] += 1
+            if image_id not in self.boxes:
+                self.boxes[image_id] = _detect_box(self.detector, load_rgb(self.root / image_id))
+            box = self.boxes[image_id]
+            if box is None or (masked and image_id in self.unmaskable):
+                continue
+            rgb = load_rgb(self.root / image_id)
+            if masked:
+                try:
+                    rgb = self.masker(rgb, seed, image_id)
+                except MaskFailed as exc:   # the mask stage cannot mask this one: take another photo
+                    log.info("test video: %s", exc)
+                    self.unmaskable.add(image_id)
+                    continue
+            return _Source(image_id, rgb, box)
+        return None
+
+
+def _cast(a: dict, pool: list[str], probes: _ProbePhotos, seed: int) -> None:
+    """The appearance's person and photograph: the planned person; if none of their photographs can be masked,
+    the next person of the same pool who can; if nobody can, the planned person unmasked (recorded as such)."""
+    i = pool.index(a["identity"])
+    order = pool[i:] + pool[:i]
+    src = None
+    for person in order if a["masked"] else order[:1]:
+        src = probes.next(person, a["masked"], seed)
+        if src is not None:
+            a["identity"] = person
+            break
+    if src is None and a["masked"]:
+        log.warning("test video: appearance %d: nobody in the %s pool has a maskable photograph left; shown "
+                    "unmasked", a["appearance"], "gallery" if a["known"] else "unknown")
+        a["masked"] = False
+        src = probes.next(a["identity"], False, seed)
+    if src is None:
+        raise ValueError(f"no photograph of {a['identity']} with a detectable face (besides the gallery's)")
+    a["image_id"] = src.image_id
+    a["_src"] = src
+
+
+def _draw_path(spec: VideoSpec, lane: int, rng: np.random.Generator) -> dict:
+    """The tile's size and top-left position inside its lane at the start and at the end of an appearance."""
+    lane_w = spec.width // spec.lanes
+    s0 = spec.tile * (1 + rng.uniform(-spec.zoom, spec.zoom))
+    s1 = spec.tile * (1 + rng.uniform(-spec.zoom, spec.zoom))
+    smax = max(s0, s1)
+    pos = []
+    for _ in range(2):
+        x = lane * lane_w + rng.uniform(0, max(lane_w - smax, 0))
+        y = rng.uniform(0, max(spec.height - smax, 0))
+        pos.append((x, y))
+    return {"size": [float(s0), float(s1)], "start": list(map(float, pos[0])), "end": list(map(float, pos[1]))}
+
+
+# ------------------------------------------------------------------------------------------ render
 
 def _blob_background(spec: VideoSpec, rng: np.random.Generator) -> np.ndarray:
     """A smooth, face-free background larger than the frame (it pans): colour field + soft blobs + grain."""
@@ -189,241 +309,87 @@ def _feather(size: int) -> np.ndarray:
     return (a * a * (3 - 2 * a))[..., None]   # smoothstep
 
 
-@dataclass
-class _Source:
-    image_id: str
-    rgb: np.ndarray          # clean or masked, 250x250
-    box: np.ndarray          # MTCNN box on the clean photograph (x1, y1, x2, y2)
+def _paste(frame: np.ndarray, a: dict, fi: int, spec: VideoSpec, feathers: dict[int, np.ndarray]) -> dict:
+    """Blend appearance ``a``'s tile into ``frame`` (float32 RGB) at frame ``fi``; its ground truth row."""
+    t = (fi - a["f0"]) / max(a["f1"] - a["f0"] - 1, 1)
+    path = a["path"]
+    size = int(round(path["size"][0] * (1 - t) + path["size"][1] * t))
+    x = int(round(path["start"][0] * (1 - t) + path["end"][0] * t))
+    y = int(round(path["start"][1] * (1 - t) + path["end"][1] * t))
+    x = min(max(x, 0), spec.width - size)
+    y = min(max(y, 0), spec.height - size)
+    src: _Source = a["_src"]
+    c = spec.crop
+    h0, w0 = src.rgb.shape[:2]
+    cx0, cy0 = (w0 - c) // 2, (h0 - c) // 2
+    patch = src.rgb[cy0:cy0 + c, cx0:cx0 + c]
+    tile = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+    if size not in feathers:
+        feathers[size] = _feather(size)
+    al = feathers[size]
+    region = frame[y:y + size, x:x + size]
+    frame[y:y + size, x:x + size] = region * (1 - al) + tile * al
+    sc = size / c
+    b = (src.box - np.array([cx0, cy0, cx0, cy0])) * sc + np.array([x, y, x, y])
+    return {"frame": fi, "appearance": a["appearance"], "lane": a["lane"], "identity": a["identity"],
+            "known": a["known"], "masked": a["masked"], "image_id": a["image_id"], "bbox": [float(v) for v in b],
+            "tile": [float(x), float(y), float(x + size), float(y + size)]}
 
 
-def _detect_box(detector, rgb: np.ndarray) -> Optional[np.ndarray]:
-    from .align import select_face
-    boxes, _ = detector.detect(np.array(rgb[None]))[0]   # a writable copy for torch
-    if not len(boxes):
-        return None
-    return np.asarray(boxes[select_face(boxes, rgb.shape[:2], "center"), :4], dtype=np.float64)
+def render_video(spec: VideoSpec, apps: list[dict], bg: np.ndarray, path: str | os.PathLike) -> list[dict]:
+    """Write the video (mp4v) of the appearances over the panning background; the ground truth rows."""
+    rows: list[dict] = []
+    feathers: dict[int, np.ndarray] = {}
+    with atomic_path(path) as tmp:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(spec.fps),
+                                 (spec.width, spec.height))
+        if not writer.isOpened():
+            raise RuntimeError(f"OpenCV cannot write an mp4v video at {tmp}")
+        try:
+            for fi in range(spec.n_frames):
+                # background pans along a slow ellipse
+                ox = int(round(64 + 60 * math.sin(2 * math.pi * fi / max(spec.n_frames, 1))))
+                oy = int(round(32 + 28 * math.cos(2 * math.pi * fi / max(spec.n_frames, 1))))
+                frame = bg[oy:oy + spec.height, ox:ox + spec.width].astype(np.float32)
+                rows.extend(_paste(frame, a, fi, spec, feathers) for a in apps if a["f0"] <= fi < a["f1"])
+                rgb = np.clip(frame, 0, 255).astype(np.uint8)
+                writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        finally:
+            writer.release()
+    return rows
 
 
-# ------------------------------------------------------------------------------------------- builder
-
-def plan_appearances(spec: VideoSpec, people: Mapping[str, list[str]], rng: np.random.Generator,
-                     masks_on: bool) -> tuple[list[str], list[str], dict[str, list[str]], list[dict]]:
-    """Choose gallery people (and their gallery photographs), unknown people, and the appearances."""
-    eligible = sorted(p for p, f in people.items() if len(f) >= spec.min_images)
-    if len(eligible) < spec.n_known:
-        raise ValueError(f"only {len(eligible)} people have >= {spec.min_images} photographs; "
-                         f"{spec.n_known} gallery people asked for")
-    known = sorted(rng.choice(eligible, spec.n_known, replace=False).tolist())
-    others = sorted(p for p in people if p not in set(known))
-    if len(others) < spec.n_unknown:
-        raise ValueError(f"only {len(others)} people outside the gallery; {spec.n_unknown} unknowns asked for")
-    unknown = sorted(rng.choice(others, spec.n_unknown, replace=False).tolist()) if spec.n_unknown else []
-    gallery = {p: [str(f) for f in rng.choice(people[p], spec.gallery_images, replace=False)] for p in known}
-
-    n_frames, length = spec.n_frames, spec.appearance_frames
-    apps: list[dict] = []
-    k_count = u_count = 0
-    for lane in range(spec.lanes):
-        offset = -((lane * length) // spec.lanes)   # stagger the lanes
-        start = offset
-        while start < n_frames:
-            f0, f1 = max(start, 0), min(start + length, n_frames)
-            if f1 - f0 >= 2:
-                # known share by a running quota (deterministic, evenly spread)
-                is_known = spec.n_unknown == 0 or (k_count + 1) <= spec.known_share * (k_count + u_count + 1)
-                if is_known:
-                    k_count += 1
-                else:
-                    u_count += 1
-                apps.append({"lane": lane, "f0": f0, "f1": f1, "known": bool(is_known)})
-            start += length
-    apps.sort(key=lambda a: (a["f0"], a["lane"]))
-    # persons: cycle through the gallery people / unknowns in order of appearance, masks alternate
-    counts = {True: 0, False: 0}
-    seen: dict[str, int] = {}
-    f = spec.masked_fraction if masks_on else 0.0
-    for i, a in enumerate(apps):
-        pool = known if a["known"] else unknown
-        n = counts[a["known"]]
-        j = n % len(pool)
-        a["identity"] = pool[j]
-        a["round"] = n // len(pool)
-        counts[a["known"]] += 1
-        # masks per person, spread evenly over their appearances (a Bresenham sequence at the rate f, shifted
-        # by the person's index so that people do not all start the same way): with f = 0.5 every person
-        # alternates, so each is seen both masked and clean
-        k = seen.get(a["identity"], 0) + 1
-        seen[a["identity"]] = k
-        a["masked"] = bool(math.floor(f * (k + j) + 1e-9) > math.floor(f * (k - 1 + j) + 1e-9))
-        a["appearance"] = i
-    return known, unknown, gallery, apps
-
+# ----------------------------------------------------------------------------------------- builder
 
 def build_test_video(images_root: str | os.PathLike, out_dir: str | os.PathLike,
-                     spec: VideoSpec | Mapping[str, Any] | None = None, *, detector=None,
-                     require_masks: bool = False) -> dict:
+                     spec: VideoSpec | Mapping[str, Any] | None = None, *, detector=None) -> dict:
     """Build the test video, gallery and ground truth under ``out_dir`` (see module docstring).
-    Returns the spec.json document. ``require_masks``: raise instead of skipping masked probes when the mask
-    stage is not available (and ``masked_fraction`` > 0)."""
-    spec = spec if isinstance(spec, VideoSpec) else VideoSpec.from_mapping(spec)
+    Returns the spec.json document."""
+    spec = spec if isinstance(spec, VideoSpec) else VideoSpec.from_mapping(spec, strict=True)
     spec.validate()
     out = Path(out_dir)
     root = Path(images_root)
     people = lfw_people(root)
     rng = np.random.default_rng(spec.seed)
-
-    masker, why = (None, "masked_fraction is 0")
-    if spec.masked_fraction > 0:
-        masker, why = mask_api(spec.mask_wear)
-        if masker is None:
-            if require_masks:
-                raise RuntimeError(f"masked probes asked for but unavailable: {why}")
-            log.warning("test video: %s", why)
+    masker, why = _masker(spec)
     known, unknown, gallery, apps = plan_appearances(spec, people, rng, masker is not None)
-
     if detector is None:
-        from .align import Detector
+        from .mtcnn import Detector
         detector = Detector(20, (0.6, 0.7, 0.9), 0.85, "cpu")
-
-    # probe photographs: per person, the photographs not in the gallery, in a seeded order; each appearance
-    # takes the next one with a detectable face
-    queues: dict[str, list[str]] = {}
-    for p in known + unknown:
-        cand = [f for f in people[p] if f not in set(gallery.get(p, []))]
-        queues[p] = list(rng.permutation(cand)) if cand else []
-    used: dict[str, int] = {p: 0 for p in queues}
-    box_cache: dict[str, Optional[np.ndarray]] = {}
-
-    unmaskable: set[str] = set()
-
-    def next_source(person: str, masked: bool, seed: int) -> Optional[_Source]:
-        """The person's next photograph with a detectable (and, if masked, maskable) face, or None."""
-        q = queues[person]
-        for _ in range(len(q)):
-            image_id = q[used[person] % len(q)]
-            used[person] += 1
-            if image_id not in box_cache:
-                rgb = load_rgb(root / image_id)
-                box_cache[image_id] = _detect_box(detector, rgb)
-            box = box_cache[image_id]
-            if box is None or (masked and image_id in unmaskable):
-                continue
-            rgb = load_rgb(root / image_id)
-            if masked:
-                try:
-                    rgb = masker(rgb, seed, image_id)
-                except MaskFailed as exc:   # the mask stage cannot mask this one: take another photo
-                    log.info("test video: %s", exc)
-                    unmaskable.add(image_id)
-                    continue
-            return _Source(image_id, rgb, box)
-        return None
-
-    lane_w = spec.width // spec.lanes
+    probes = _ProbePhotos(root, people, gallery, known + unknown, rng, detector, masker)
     for a in apps:
-        seed = spec.seed * 100003 + a["appearance"]
-        pool = known if a["known"] else unknown
-        # the planned person; if none of their photographs can be masked, the next person of the same
-        # pool who can; if nobody can, the planned person unmasked (recorded as such)
-        i = pool.index(a["identity"])
-        order = pool[i:] + pool[:i]
-        src = None
-        for person in order if a["masked"] else order[:1]:
-            src = next_source(person, a["masked"], seed)
-            if src is not None:
-                a["identity"] = person
-                break
-        if src is None and a["masked"]:
-            log.warning("test video: appearance %d: nobody in the %s pool has a maskable photograph left; shown "
-                        "unmasked", a["appearance"], "gallery" if a["known"] else "unknown")
-            a["masked"] = False
-            src = next_source(a["identity"], False, seed)
-        if src is None:
-            raise ValueError(f"no photograph of {a['identity']} with a detectable face (besides the gallery's)")
-        a["image_id"] = src.image_id
-        a["_src"] = src
-        s0 = spec.tile * (1 + rng.uniform(-spec.zoom, spec.zoom))
-        s1 = spec.tile * (1 + rng.uniform(-spec.zoom, spec.zoom))
-        smax = max(s0, s1)
-        # top-left positions inside the lane, start and end
-        pos = []
-        for _ in range(2):
-            x = a["lane"] * lane_w + rng.uniform(0, max(lane_w - smax, 0))
-            y = rng.uniform(0, max(spec.height - smax, 0))
-            pos.append((x, y))
-        a["path"] = {"size": [float(s0), float(s1)], "start": list(map(float, pos[0])),
-                     "end": list(map(float, pos[1]))}
-
+        _cast(a, known if a["known"] else unknown, probes, spec.seed * 100003 + a["appearance"])
+        a["path"] = _draw_path(spec, a["lane"], rng)
     bg = _blob_background(spec, rng)
     out.mkdir(parents=True, exist_ok=True)
-    gdir = out / "gallery"
-    if gdir.exists():
-        shutil.rmtree(gdir)
-    for p, files in gallery.items():
-        (gdir / p).mkdir(parents=True, exist_ok=True)
-        for f in files:
-            shutil.copyfile(root / f, gdir / p / Path(f).name)
-
-    video_path = out / "video.mp4"
-    tmp_video = out / ".video.tmp.mp4"
-    writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), float(spec.fps),
-                             (spec.width, spec.height))
-    if not writer.isOpened():
-        raise RuntimeError(f"OpenCV cannot write an mp4v video at {tmp_video}")
-    rows = []
-    feather_cache: dict[int, np.ndarray] = {}
-    c = spec.crop
-    try:
-        for fi in range(spec.n_frames):
-            # background pans along a slow ellipse
-            ox = int(round(64 + 60 * math.sin(2 * math.pi * fi / max(spec.n_frames, 1))))
-            oy = int(round(32 + 28 * math.cos(2 * math.pi * fi / max(spec.n_frames, 1))))
-            frame = bg[oy:oy + spec.height, ox:ox + spec.width].astype(np.float32)
-            for a in apps:
-                if not a["f0"] <= fi < a["f1"]:
-                    continue
-                t = (fi - a["f0"]) / max(a["f1"] - a["f0"] - 1, 1)
-                path = a["path"]
-                size = int(round(path["size"][0] * (1 - t) + path["size"][1] * t))
-                x = int(round(path["start"][0] * (1 - t) + path["end"][0] * t))
-                y = int(round(path["start"][1] * (1 - t) + path["end"][1] * t))
-                x = min(max(x, 0), spec.width - size)
-                y = min(max(y, 0), spec.height - size)
-                src: _Source = a["_src"]
-                h0, w0 = src.rgb.shape[:2]
-                cx0, cy0 = (w0 - c) // 2, (h0 - c) // 2
-                patch = src.rgb[cy0:cy0 + c, cx0:cx0 + c]
-                tile = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
-                if size not in feather_cache:
-                    feather_cache[size] = _feather(size)
-                al = feather_cache[size]
-                region = frame[y:y + size, x:x + size]
-                frame[y:y + size, x:x + size] = region * (1 - al) + tile * al
-                sc = size / c
-                b = (src.box - np.array([cx0, cy0, cx0, cy0])) * sc + np.array([x, y, x, y])
-                rows.append({"frame": fi, "appearance": a["appearance"], "lane": a["lane"],
-                             "identity": a["identity"], "known": a["known"], "masked": a["masked"],
-                             "image_id": a["image_id"], "bbox": [float(v) for v in b],
-                             "tile": [float(x), float(y), float(x + size), float(y + size)]})
-            rgb = np.clip(frame, 0, 255).astype(np.uint8)
-            writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
-    os.replace(tmp_video, video_path)
-
-    from .manifest import provenance, write_json, write_parquet
-    gt = pd.DataFrame(rows, columns=GT_COLUMNS)
+    copy_gallery(root, gallery, out / "gallery")
+    gt = pd.DataFrame(render_video(spec, apps, bg, out / "video.mp4"), columns=GT_COLUMNS)
     doc = {
         "spec": asdict(spec), "images_root": str(root), "n_frames": spec.n_frames,
         "gallery": {p: gallery[p] for p in known}, "known": known, "unknown": unknown,
         "masks_available": masker is not None, "masks_reason": why,
         "appearances": [{k: v for k, v in a.items() if not k.startswith("_")} for a in apps],
-        "counts": {
-            "faces": int(len(gt)), "known_faces": int(gt["known"].sum()) if len(gt) else 0,
-            "unknown_faces": int((~gt["known"]).sum()) if len(gt) else 0,
-            "masked_faces": int(gt["masked"].sum()) if len(gt) else 0,
-            "appearances": len(apps), "masked_appearances": int(sum(a["masked"] for a in apps)),
-        },
+        "counts": _counts(gt, apps),
         "video": "video.mp4", "ground_truth": "ground_truth.parquet", "gallery_dir": "gallery",
     }
     write_parquet(gt, out / "ground_truth.parquet", provenance("testvideo", asdict(spec), {}))
@@ -434,9 +400,28 @@ def build_test_video(images_root: str | os.PathLike, out_dir: str | os.PathLike,
     return doc
 
 
+def copy_gallery(root: Path, gallery: Mapping[str, list[str]], gdir: Path) -> None:
+    """The gallery folder afresh: ``gdir/{Person}/{image}.jpg``, the LFW files as they are."""
+    if gdir.exists():
+        shutil.rmtree(gdir)
+    for p, files in gallery.items():
+        (gdir / p).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copyfile(root / f, gdir / p / Path(f).name)
+
+
+def _counts(gt: pd.DataFrame, apps: list[dict]) -> dict:
+    return {
+        "faces": int(len(gt)), "known_faces": int(gt["known"].sum()) if len(gt) else 0,
+        "unknown_faces": int((~gt["known"]).sum()) if len(gt) else 0,
+        "masked_faces": int(gt["masked"].sum()) if len(gt) else 0,
+        "appearances": len(apps), "masked_appearances": int(sum(a["masked"] for a in apps)),
+    }
+
+
 def read_ground_truth(path: str | os.PathLike) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
 def read_spec(folder: str | os.PathLike) -> dict:
-    return json.loads((Path(folder) / "spec.json").read_text())
+    return read_json(Path(folder) / "spec.json")

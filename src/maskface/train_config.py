@@ -1,7 +1,8 @@
 """The training configuration without torch: defaults, merging, run names.
 
 Snakemake's rule files import this at parse time (every job start on a cluster parses the workflow again), so it
-must stay free of torch and of anything slow to import; :mod:`maskface.train` re-exports all of it.
+must stay free of torch and of anything slow to import. The training that reads it is maskface.train (the
+loop) and maskface.train_data (the data).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def merged(cfg: Optional[Mapping[str, Any]]) -> dict:
 PRESETS: dict[str, dict[str, Any]] = {
     # the defaults: SphereFace-20, 8,000 iterations x 256 on every LFW fold (about 10 min a run on one H100)
     "gpu": {},
-    # SphereFace-4 at half width on fold 1, about 12 minutes a run on one core of a 2-core CPU
+    # SphereFace-4 at half width on fold 1, about 12 minutes a run on one CPU core
     # (config/cpu-quick.yaml holds the same settings, with the measured reasons for each)
     "cpu": {"folds": [1], "arch": {"depth": 4, "width": 0.5}, "min_images": 2, "batch_size": 64,
             "iterations": 1200, "lr": 0.0125, "lr_steps": [800, 1050], "device": "cpu", "threads": 1,
@@ -130,7 +131,7 @@ def run_names(cfg: Mapping[str, Any]) -> dict[str, dict]:
 
 BASE_CHANNELS = (64, 128, 256, 512)
 DEPTH_UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 8, 16, 3)}
-# Per CPU core, on this project's 2-core x86 VM: SphereFace-20 (1.75 GMAC forward) trains at about 8 img/s on
+# Per CPU core, measured on a 2-core x86 VM: SphereFace-20 (1.75 GMAC forward) trains at about 8 img/s on
 # 2 cores, i.e. a training step (forward + backward = 3x the forward) at ~21 GMAC/s per core; the fixed cost
 # per image (loader, head, optimizer) is fitted to SphereFace-4 at half width (0.045 GMAC), which trained at
 # 60-110 img/s on 1 core (results/logs/train of config/cpu-quick.yaml).

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 
 from maskface.align import AlignConfig, fidelity_report
-from maskface.manifest import write_json
+from maskface.fileio import write_json
 from maskface.smk import logged
 
 with logged(snakemake) as log:

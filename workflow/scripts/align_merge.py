@@ -3,13 +3,16 @@ import json
 
 import pandas as pd
 
-from maskface.align import MANIFEST_SCHEMA, merge_shards, summarize
-from maskface.manifest import provenance, write_json, write_parquet
+from maskface.align import MANIFEST_SCHEMA, summarize
+from maskface.fileio import write_json
+from maskface.manifest import provenance, write_parquet
+from maskface.shards import merge_shards
 from maskface.smk import logged
 
 with logged(snakemake) as log:
     raw = pd.read_parquet(snakemake.input.raw, columns=["image_id"])
-    df = merge_shards(list(snakemake.input.shards), raw)
+    df = merge_shards(list(snakemake.input.shards), MANIFEST_SCHEMA, raw["image_id"], what="aligned manifest",
+                      against="raw manifest")
     summary = summarize(df)
     summary["config"] = dict(snakemake.params.cfg)
     log.info("%s", json.dumps(summary, sort_keys=True, indent=1))

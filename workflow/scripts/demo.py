@@ -1,11 +1,8 @@
 """Rule demo_run: the open-set demo on a video (maskface.demo.run_demo); metrics when a ground truth exists."""
-import json
 from pathlib import Path
 
-import pandas as pd
-
-from maskface.demo import DemoConfig, metrics_markdown, open_set_metrics, run_demo
-from maskface.manifest import write_json
+from maskface.demo import DemoConfig, run_demo, score_run
+from maskface.fileio import read_json
 from maskface.smk import logged
 
 with logged(snakemake) as log:
@@ -15,21 +12,16 @@ with logged(snakemake) as log:
     if snakemake.params.threshold is not None:
         thr, source = float(snakemake.params.threshold), {"kind": "config"}
     else:
-        source = json.load(open(snakemake.input.threshold))
+        source = read_json(snakemake.input.threshold)
         thr = float(source["threshold"])
     cfg = DemoConfig.from_mapping(dict(snakemake.params.cfg), threshold=thr, device=snakemake.params.device)
     out = Path(snakemake.params.out)
     summary = run_demo(snakemake.input.video, snakemake.input.gallery, out, cfg, model=dict(snakemake.params.model),
                        threshold_source=source)
     if "gt" in snakemake.input.keys():
-        det = pd.read_parquet(out / "detections.parquet")
-        res = open_set_metrics(det, pd.read_parquet(snakemake.input.gt), thr, frames=summary["frames"])
-        spec = json.load(open(Path(snakemake.input.gt).parent / "spec.json"))
-        res.update(masks_available=spec["masks_available"], masks_reason=spec["masks_reason"],
-                   fps=summary["fps"], threshold_source=source)
-        write_json(res, out / "metrics.json")
-        md = metrics_markdown(res)
-        if not spec["masks_available"]:
-            md += f"\nMasked probes: none ({spec['masks_reason']}).\n"
-        (out / "metrics.md").write_text(md)
+        spec = read_json(Path(snakemake.input.gt).parent / "spec.json")
+        note = "" if spec["masks_available"] else f"\nMasked probes: none ({spec['masks_reason']}).\n"
+        md = score_run(out, snakemake.input.gt, thr, summary["frames"], note=note,
+                       extra={"masks_available": spec["masks_available"], "masks_reason": spec["masks_reason"],
+                              "fps": summary["fps"], "threshold_source": source})
         log.info("\n%s", md)

@@ -1,9 +1,7 @@
 """Rule demo_threshold: the demo's cosine threshold at demo.far, from a sample of LFW people (lfw_sample) or
 from the evaluation stage's LFW features (evaluation)."""
-import json
-
 from maskface.demo import DemoConfig, calibrate_on_lfw, embedder_from_model, make_detector, threshold_at_far
-from maskface.manifest import write_json
+from maskface.fileio import read_json, write_json
 from maskface.smk import logged
 
 with logged(snakemake) as log:
@@ -15,7 +13,7 @@ with logged(snakemake) as log:
     if snakemake.params.source == "evaluation":
         doc = threshold_at_far(snakemake.input.features, snakemake.input.pairs, far)
     else:
-        record = json.load(open(snakemake.input.json))
+        record = read_json(snakemake.input.json)
         cfg = DemoConfig.from_mapping(dict(snakemake.params.cfg))
         doc = calibrate_on_lfw(record["images_root"], make_detector(cfg), embedder_from_model(model, cfg.device),
                                far, people=int(snakemake.params.people))

@@ -1,6 +1,6 @@
 """Rule download: make a dataset available on disk and write its record (dataset.json)."""
 from maskface.datasets import acquire
-from maskface.manifest import write_json
+from maskface.fileio import write_json
 from maskface.smk import logged
 
 with logged(snakemake) as log:

@@ -1,9 +1,8 @@
 """Rule mask_gallery: every mask type x wearing style on real faces -> results/figures/mask_gallery.png."""
-import json
-
-from maskface.manifest import write_json
+from maskface.fileio import write_json
+from maskface.mask.config import MaskConfig
+from maskface.mask.face import limit_threads
 from maskface.mask.gallery import gallery
-from maskface.mask.stage import MaskConfig, limit_threads
 from maskface.smk import logged
 
 with logged(snakemake) as log:

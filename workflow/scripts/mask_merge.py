@@ -3,8 +3,10 @@ import json
 
 import pandas as pd
 
-from maskface.manifest import provenance, write_json, write_parquet
-from maskface.mask.stage import MANIFEST_SCHEMA, MaskConfig, merge_shards, summarize
+from maskface.fileio import write_json
+from maskface.manifest import provenance, write_parquet
+from maskface.mask.config import MaskConfig
+from maskface.mask.stage import MANIFEST_SCHEMA, merge_shards, summarize
 from maskface.smk import logged
 
 with logged(snakemake) as log:

@@ -2,7 +2,8 @@
 import json
 
 from maskface.manifest import provenance
-from maskface.mask.stage import MaskConfig, mask_shard, records_table, summarize
+from maskface.mask.config import MaskConfig
+from maskface.mask.stage import mask_shard, records_table, summarize
 from maskface.smk import logged
 
 # guarded: with mask.threads > 1 worker processes may re-import this script (multiprocessing spawn)
@@ -10,7 +11,7 @@ if __name__ == "__main__":
     with logged(snakemake) as log:
         params = dict(snakemake.params.cfg)
         ops = snakemake.config.get("mask", {})      # batch size: never a rerun trigger
-        cfg = MaskConfig.from_mapping(params, threads=snakemake.threads, batch=ops.get("batch", 128))
+        cfg = MaskConfig.from_mapping(params, threads=snakemake.threads, batch=ops.get("batch"))
         shard = int(snakemake.wildcards.shard)
         prov = provenance("mask_shard", params, [snakemake.input.shard], shard=shard, code=snakemake.params.code,
                           config_digest=cfg.digest())

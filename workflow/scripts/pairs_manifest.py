@@ -1,14 +1,13 @@
 """Rule pairs_manifest: parse LFW's pairs.txt, check every pair image against the raw manifest."""
-import json
-
 import pandas as pd
 
 from maskface.datasets import check_pairs, parse_pairs
+from maskface.fileio import read_json
 from maskface.manifest import provenance, write_parquet
 from maskface.smk import logged
 
 with logged(snakemake) as log:
-    record = json.load(open(snakemake.input.json))
+    record = read_json(snakemake.input.json)
     pairs = parse_pairs(record["pairs"])
     raw = pd.read_parquet(snakemake.input.raw, columns=["image_id", "status"])
     check_pairs(pairs, raw, record["pairs"])

@@ -1,12 +1,11 @@
 """Rule raw_manifest: hash and decode every file of the dataset into results/manifests/{dataset}/raw.parquet."""
-import json
-
 from maskface.datasets import fingerprint, scan
+from maskface.fileio import read_json
 from maskface.manifest import provenance, write_parquet
 from maskface.smk import logged
 
 with logged(snakemake) as log:
-    record = json.load(open(snakemake.input.json))
+    record = read_json(snakemake.input.json)
     df = scan(record["root"], record["images_root"], threads=snakemake.threads,
               chunk=int(snakemake.params.chunk))
     counts = df["status"].value_counts().to_dict()

@@ -1,9 +1,10 @@
-"""Rule train_cache: decode a dataset's crop shards (aligned or masked) into a uint8 .npy + index."""
+"""Rule train_cache: decode a dataset's crop shards (aligned or masked) into a uint8 .npy + index
+(maskface.train_data.build_cache)."""
 import time
 
 from maskface.manifest import provenance
 from maskface.smk import logged
-from maskface.train import build_cache
+from maskface.train_data import build_cache
 
 with logged(snakemake) as log:
     t0 = time.time()

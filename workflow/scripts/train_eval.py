@@ -1,9 +1,10 @@
-"""Rule train_fold_eval: accuracy of a lfw_unrestricted run on its held-out fold (clean / mixed / masked)."""
+"""Rule train_fold_eval: accuracy of a lfw_unrestricted run on its held-out fold (clean / mixed / masked)
+(maskface.foldeval.evaluate_fold)."""
 import pandas as pd
 
-from maskface.manifest import write_json
+from maskface.fileio import write_json
+from maskface.foldeval import evaluate_fold
 from maskface.smk import logged
-from maskface.train import evaluate_fold
 
 with logged(snakemake) as log:
     pairs = pd.read_parquet(snakemake.input.pairs)

@@ -1,4 +1,6 @@
-"""Ad-hoc masking: :func:`mask_image` (one photo or crop, in memory) and the ``maskface mask`` command.
+"""The single-image entry: :func:`mask_image` (one photo or aligned crop, in memory), the test video's
+:func:`wearing_masker`, and the ``maskface mask`` command (:func:`cli_main`). Flow: api -> face -> render ->
+kernels, as for the batch entry (:mod:`~maskface.mask.stage`), whose per-face steps these share.
 
 Photos (the default) keep their original frame, as MaskTheFace does: faces are found with dlib's HOG
 frontal-face detector (upsampling once for images up to 1000 px a side, as MaskTheFace calls it, not at all
@@ -12,33 +14,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import cv2
 import numpy as np
 
+from ..fileio import atomic_path
 from . import landmarks as lmk
-from . import render as rd
-from . import stage as st
 from . import textures as tx
+from .config import MASK_TYPES, WEARS, MaskConfig
+from .face import (MIN_SIDE, TEMPLATES, empty_record, hog_detector, landmark_crops, landmarker,
+                   limit_threads, mark_skipped, mask_face, template_points, too_small)
 
 log = logging.getLogger("maskface.mask")
-
-_DETECTOR = None
-
-
-def detector():
-    global _DETECTOR
-    if _DETECTOR is None:
-        import dlib
-        _DETECTOR = dlib.get_frontal_face_detector()
-    return _DETECTOR
-
 
 @dataclass
 class MaskResult:
@@ -53,13 +45,9 @@ class MaskResult:
         return self.status == "ok"
 
 
-def _config(config: Any, seed: Optional[int]) -> st.MaskConfig:
-    if isinstance(config, st.MaskConfig):
-        cfg = config
-    else:
-        cfg = st.MaskConfig.from_mapping(config or {})
+def _config(config: Any, seed: Optional[int]) -> MaskConfig:
+    cfg = config if isinstance(config, MaskConfig) else MaskConfig.from_mapping(config or {})
     if seed is not None and seed != cfg.seed:
-        from dataclasses import replace
         cfg = replace(cfg, seed=int(seed))
     return cfg
 
@@ -86,18 +74,19 @@ def _mask_aligned(rgb, image_id, cfg, template, force) -> MaskResult:
     h, w = rgb.shape[:2]
     if template is None:
         template = "arcface_112x112" if h == w else "sphereface_112x96"
-    rec = st._blank(image_id, "", 0, cfg)
+    rec = empty_record(image_id, "", 0, cfg.seed)
     rec["aligned_status"] = "ok"
-    if min(h, w) < 24:
-        rec.update(status="skipped", skip="too_small", reason=f"crop {w}x{h} px is under 24 px a side")
-        return MaskResult(rgb.copy(), np.zeros((h, w), bool), [rec], "skipped", rec["reason"])
-    t5 = st.template_points(template, (h, w))
-    lm = st.landmark_crops(rgb[None], lmk.face_box_from_points5(t5), cfg)[0]
-    st.mask_one(rgb, lm, image_id, cfg, rec, template5=t5, keep_arrays=True, **force)
-    if rec["status"] != "ok":
-        return MaskResult(rgb.copy(), np.zeros((h, w), bool), [_public(rec)], rec["status"], rec["reason"])
-    img, occ = rec["_image"], rec["_occlusion"]
-    return MaskResult(img, occ, [_public(rec)], "ok", "")
+    unchanged = np.zeros((h, w), bool)
+    small = too_small((h, w))
+    if small is not None:
+        mark_skipped(rec, small)
+        return MaskResult(rgb.copy(), unchanged, [rec], "skipped", rec["reason"])
+    t5 = template_points(template, (h, w))
+    lm = landmark_crops(rgb[None], lmk.face_box_from_points5(t5), cfg)[0]
+    out = mask_face(rgb, lm, image_id, cfg, rec, template5=t5, force=force)
+    if out is None:
+        return MaskResult(rgb.copy(), unchanged, [_public(rec)], rec["status"], rec["reason"])
+    return MaskResult(out.image, out.occlusion, [_public(rec)], "ok", "")
 
 
 def _public(rec: dict) -> dict:
@@ -107,58 +96,53 @@ def _public(rec: dict) -> dict:
 def _mask_photo(rgb, image_id, cfg, force, upsample) -> MaskResult:
     h, w = rgb.shape[:2]
     occ = np.zeros((h, w), bool)
-    if min(h, w) < 24:
-        return MaskResult(rgb.copy(), occ, [], "skipped", f"image {w}x{h} px is under 24 px a side")
+    if min(h, w) < MIN_SIDE:
+        return MaskResult(rgb.copy(), occ, [], "skipped", f"image {w}x{h} px is under {MIN_SIDE} px a side")
     up = upsample if upsample is not None else (1 if max(h, w) <= 1000 else 0)
-    rects = detector()(rgb, up)
+    rects = hog_detector()(rgb, up)
     if not len(rects):
         return MaskResult(rgb.copy(), occ, [], "no_face", f"no face found by dlib's HOG detector (upsample {up})")
     boxes = sorted(([r.left(), r.top(), r.right(), r.bottom()] for r in rects),
                    key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
     boxes = np.asarray(boxes, np.float64)
-    lms = st.landmarker(cfg.landmarks)(lmk.intensity(rgb)[None].repeat(len(boxes), 0), boxes)
+    lms = landmarker(cfg.landmarks)(lmk.intensity(rgb)[None].repeat(len(boxes), 0), boxes)
     out = rgb.copy()
     faces = []
     for k, (box, lm) in enumerate(zip(boxes, lms)):
-        rec = st._blank(image_id, "", 0, cfg)
+        rec = empty_record(image_id, "", 0, cfg.seed)
         rec["aligned_status"] = None
         rec["face"] = k
         rec["box"] = [float(v) for v in box]
-        rec["landmarks68"] = np.asarray(lm, np.float32).ravel().tolist()
         faces.append(rec)
-        skip, yaw = st.face_checks(lm, (h, w), cfg, None)
-        rec["yaw_deg"] = None if not np.isfinite(yaw) else float(yaw)
-        if skip is not None:
-            rec.update(status="skipped", skip=skip.code, reason=skip.reason)
-            continue
-        rng = st.image_rng(cfg, f"{image_id}#face{k}")
-        sty = st.draw_style(rng, cfg, **force)
-        try:
-            stats = rd.image_stats(_face_region(out, lm))
-            res = rd.render(out, lm, sty.mask_type, sty.wear, sty.color, sty.texture, sty.params, rng, stats)
-        except rd.SkipFace as exc:
-            rec.update(status="skipped", skip=exc.code, reason=exc.reason)
-            continue
-        out = res.image
-        occ |= res.occlusion
-        rec.update(status="ok", reason="", mask_type=sty.mask_type, mask_color=sty.color,
-                   mask_texture=sty.texture, wear=sty.wear, coverage=float(res.occlusion.mean()))
+        res = mask_face(out, lm, f"{image_id}#face{k}", cfg, rec, region_stats=True, force=force)
+        if res is not None:
+            out = res.image
+            occ |= res.occlusion
     n_ok = sum(1 for f in faces if f["status"] == "ok")
     if n_ok:
         return MaskResult(out, occ, faces, "ok", "")
     return MaskResult(out, occ, faces, "skipped", "; ".join(f["reason"] for f in faces))
 
 
-def _face_region(img: np.ndarray, lm: np.ndarray) -> np.ndarray:
-    """The face's landmark box grown by half its size (at least 24 px), clipped to the image."""
-    h, w = img.shape[:2]
-    lo, hi = lm.min(0), lm.max(0)
-    g = np.maximum((hi - lo) * 0.5, 12)
-    x0, y0 = int(max(lo[0] - g[0], 0)), int(max(lo[1] - g[1], 0))
-    x1, y1 = int(min(hi[0] + g[0] + 1, w)), int(min(hi[1] + g[1] + 1, h))
-    if x1 - x0 < 8 or y1 - y0 < 8:
-        return img
-    return img[y0:y1, x0:x1]
+# ------------------------------------------------------------------------------------ the test video
+
+class MaskFailed(ValueError):
+    """The mask stage could not mask this photograph (no face for its detector, profile, ...)."""
+
+
+def wearing_masker(wear: Optional[str] = "proper") -> Callable[..., np.ndarray]:
+    """``masker(rgb, seed, image_id="")``: the photograph with a mask drawn on its faces by :func:`mask_image`
+    (type, colour and texture drawn deterministically from seed and image_id; ``wear`` forced unless None).
+    The masker raises :class:`MaskFailed` when no face was masked."""
+    def masker(rgb: np.ndarray, seed: int, image_id: str = "") -> np.ndarray:
+        res = mask_image(rgb, seed=seed, image_id=image_id, **({"wear": wear} if wear else {}))
+        if res.status != "ok":
+            raise MaskFailed(f"{image_id or 'image'}: not masked ({res.status}: {res.reason})")
+        if res.image.shape != rgb.shape or res.image.dtype != np.uint8:
+            raise ValueError(f"mask_image returned {res.image.shape} {res.image.dtype} for a {rgb.shape} image")
+        return res.image
+
+    return masker
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -196,11 +180,10 @@ def _work(args: tuple) -> list[dict]:
         log.warning("masking %s failed", image_id, exc_info=True)
         return [{**base, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}]
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     _write_image(dst, res.image)
     if opts["occlusion"]:
         ok, buf = cv2.imencode(".png", res.occlusion.astype(np.uint8) * 255, [cv2.IMWRITE_PNG_BILEVEL, 1])
-        dst.with_name(dst.stem + "_occlusion.png").write_bytes(buf.tobytes())
+        _write_bytes(dst.with_name(dst.stem + "_occlusion.png"), buf)
     rows = []
     for f in res.faces or [{}]:
         row = {**base, "status": res.status, "reason": res.reason, "output": str(dst)}
@@ -217,12 +200,15 @@ def _write_image(dst: Path, rgb: np.ndarray) -> None:
         ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:
         raise ValueError(f"cannot encode {dst}")
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, dst)
+    _write_bytes(dst, buf)
 
 
-def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+def _write_bytes(dst: Path, buf: np.ndarray) -> None:
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(buf.tobytes())
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="maskface mask",
         description="Draw synthetic face masks (from dlib's 68 landmarks) on an image or on every image of a "
@@ -233,19 +219,46 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
                     "face (or per image without one). The same command and seed give identical pixels.")
     ap.add_argument("input", help="an image file or a folder (searched recursively)")
     ap.add_argument("output", help="output image file (for a file input) or folder")
-    ap.add_argument("--type", dest="mask_type", choices=rd.MASK_TYPES, help="mask type (default: drawn)")
-    ap.add_argument("--wear", choices=rd.WEARS, help="how the mask is worn (default: drawn)")
+    ap.add_argument("--type", dest="mask_type", choices=MASK_TYPES, help="mask type (default: drawn)")
+    ap.add_argument("--wear", choices=WEARS, help="how the mask is worn (default: drawn)")
     ap.add_argument("--color", choices=sorted(tx.PALETTE), help="colour (default: drawn)")
     ap.add_argument("--texture", choices=tx.TEXTURES, help="texture (default: drawn)")
     ap.add_argument("--seed", type=int, default=0, help="mask seed (default 0)")
     ap.add_argument("--aligned", action="store_true", help="inputs are aligned face crops")
-    ap.add_argument("--template", choices=sorted(st.TEMPLATES), help="template of --aligned crops")
-    ap.add_argument("--max-yaw", type=float, default=st.DEFAULTS["max_yaw_deg"],
+    ap.add_argument("--template", choices=sorted(TEMPLATES), help="template of --aligned crops")
+    ap.add_argument("--max-yaw", type=float, default=MaskConfig.defaults()["max_yaw_deg"],
                     help="skip faces turned further than this (degrees)")
     ap.add_argument("--occlusion", action="store_true", help="also write NAME_occlusion.png (1-bit) per image")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _run(tasks: list[tuple], jobs: int, progress: bool) -> list[dict]:
+    """The rows of every task (:func:`_work`), in order, in ``jobs`` processes."""
+    from tqdm import tqdm
+    rows: list[dict] = []
+    bar = tqdm(total=len(tasks), desc="mask", unit="img", disable=not progress, file=sys.stderr)
+    try:
+        if jobs <= 1 or len(tasks) < 2:
+            limit_threads()
+            for t in tasks:
+                rows.extend(_work(t))
+                bar.update(1)
+        else:
+            from ..workers import chunked, imap
+
+            for rs in imap(_work_many, chunked(tasks, 8), jobs, initializer=limit_threads, what="mask"):
+                for r in rs:
+                    rows.extend(r)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return rows
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     inp, out = Path(args.input), Path(args.output)
     if not inp.exists():
@@ -262,30 +275,13 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         out_dir = out
         dests = [out / Path(rel).with_suffix(".png") for rel, _ in items]
-    cfg = st.MaskConfig.from_mapping({"seed": args.seed, "max_yaw_deg": args.max_yaw})
+    cfg = MaskConfig.from_mapping({"seed": args.seed, "max_yaw_deg": args.max_yaw})
     force = {"mask_type": args.mask_type, "wear": args.wear, "color": args.color, "texture": args.texture}
     opts = {"cfg": cfg, "aligned": args.aligned, "template": args.template, "force": force,
             "occlusion": args.occlusion}
     tasks = [(rel, str(src), str(dst), opts) for (rel, src), dst in zip(items, dests)]
-    from tqdm import tqdm
     t0 = time.perf_counter()
-    rows: list[dict] = []
-    bar = tqdm(total=len(tasks), desc="mask", unit="img", disable=args.no_progress, file=sys.stderr)
-    try:
-        if args.jobs <= 1 or len(tasks) < 2:
-            st.limit_threads()
-            for t in tasks:
-                rows.extend(_work(t))
-                bar.update(1)
-        else:
-            from ..workers import chunked, imap
-
-            for rs in imap(_work_many, chunked(tasks, 8), args.jobs, initializer=st.limit_threads, what="mask"):
-                for r in rs:
-                    rows.extend(r)
-                    bar.update(1)
-    finally:
-        bar.close()
+    rows = _run(tasks, args.jobs, not args.no_progress)
     dt = time.perf_counter() - t0
     images_ok = len({r["image_id"] for r in rows if r["status"] == "ok"})
     if not single:
@@ -293,7 +289,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         from ..manifest import provenance, write_parquet
         df = pd.DataFrame([{c: r.get(c) for c in _CLI_COLUMNS} for r in rows], columns=_CLI_COLUMNS)
         write_parquet(df, out_dir / "masked.parquet",
-                      provenance("mask_cli", cfg.result_subset(), {}, input=str(inp), forced=force))
+                      provenance("mask_cli", cfg.result_params(), {}, input=str(inp), forced=force))
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1

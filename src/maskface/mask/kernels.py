@@ -1,4 +1,7 @@
-"""Compiled inner loops of the mask stage (numba, compiled on first use and cached beside this file).
+"""Compiled inner loops of the mask stage (numba, compiled on first use and cached beside this file): the
+bottom of the flow, called by :mod:`~maskface.mask.landmarks` (the regression trees),
+:mod:`~maskface.mask.render` (image statistics, geometry, light, compositing) and :mod:`~maskface.mask.face`
+(the numbers the face checks decide on). This module imports nothing of the package.
 
 Why numba: the stage's per-face work is many small loops - 7,500 regression trees per face for the 68
 landmarks, image statistics over a 112x96 crop, per-pixel compositing over the mask's region. In numpy each
@@ -242,6 +245,38 @@ def _luma(img, i, j):
 
 
 @_jit
+def _covered_grid(img, a_body, x0, y0, step):
+    """The points of the grid of every ``step``-th pixel (from ``step // 2``) of ``img`` where the mask's
+    coverage ``a_body`` (over the region whose corner is (x0, y0)) exceeds 0.5: their image rows, columns
+    and lumas, in row-major order."""
+    o = step // 2
+    rh, rw = a_body.shape
+    h, w = img.shape[0], img.shape[1]
+    gh, gw = (h - o + step - 1) // step, (w - o + step - 1) // step
+    gy0 = max(-(-(y0 - o) // step), 0)
+    gx0 = max(-(-(x0 - o) // step), 0)
+    size = max(gh - gy0, 0) * max(gw - gx0, 0)
+    ys = np.empty(size, np.int64)
+    xs = np.empty(size, np.int64)
+    lv = np.empty(size, np.int64)
+    n = 0
+    for gi in range(gy0, gh):
+        ry = gi * step + o - y0
+        if ry >= rh:
+            break
+        for gj in range(gx0, gw):
+            rx = gj * step + o - x0
+            if rx >= rw:
+                break
+            if a_body[ry, rx] > 0.5:
+                ys[n] = gi * step + o
+                xs[n] = gj * step + o
+                lv[n] = _luma(img, ys[n], xs[n])
+                n += 1
+    return ys[:n], xs[:n], lv[:n]
+
+
+@_jit
 def light_normal_equations(img, a_body, x0, y0, step):
     """The weighted least-squares system of the face-light fit (see ``render._face_light``), over the grid
     of every ``step``-th pixel (from ``step // 2``) of the RGB image ``img``; ``a_body`` is the mask's
@@ -249,29 +284,16 @@ def light_normal_equations(img, a_body, x0, y0, step):
     their 20th and 98th percentile of luminance (lower order statistics, as a sort gives) enter with
     y = ln(luma + 5) and the monomials [1, x, y, x^2, xy, y^2] of image-normalised coordinates.
     Returns (A (6, 6), b (6,), sum of y, points used, points covered)."""
-    o = step // 2
-    rh, rw = a_body.shape
     h, w = img.shape[0], img.shape[1]
-    gh, gw = (h - o + step - 1) // step, (w - o + step - 1) // step
-    hist = np.zeros(256, np.int64)
-    gy0 = -(-(y0 - o) // step)
-    gx0 = -(-(x0 - o) // step)
-    n = 0
-    for gi in range(max(gy0, 0), gh):
-        ry = gi * step + o - y0
-        if ry >= rh:
-            break
-        for gj in range(max(gx0, 0), gw):
-            rx = gj * step + o - x0
-            if rx >= rw:
-                break
-            if a_body[ry, rx] > 0.5:
-                hist[_luma(img, gi * step + o, gj * step + o)] += 1
-                n += 1
+    ys, xs, lv = _covered_grid(img, a_body, x0, y0, step)
+    n = len(lv)
     A = np.zeros((6, 6), np.float64)
     bv = np.zeros(6, np.float64)
     if n < 12:
         return A, bv, 0.0, 0, n
+    hist = np.zeros(256, np.int64)
+    for k in range(n):
+        hist[lv[k]] += 1
     lo = 0
     hi = 0
     k_lo = int(0.2 * (n - 1))
@@ -290,31 +312,23 @@ def light_normal_equations(img, a_body, x0, y0, step):
     m = np.empty(6, np.float64)
     ysum = 0.0
     used = 0
-    for gi in range(max(gy0, 0), gh):
-        ry = gi * step + o - y0
-        if ry >= rh:
-            break
-        for gj in range(max(gx0, 0), gw):
-            rx = gj * step + o - x0
-            if rx >= rw:
-                break
-            lv = _luma(img, gi * step + o, gj * step + o)
-            if a_body[ry, rx] > 0.5 and lv >= lo and lv <= hi:
-                X = (gj * step + o - w / 2) * s
-                Y = (gi * step + o - h / 2) * s
-                m[0] = 1.0
-                m[1] = X
-                m[2] = Y
-                m[3] = X * X
-                m[4] = X * Y
-                m[5] = Y * Y
-                yv = np.log(lv + 5.0)
-                for p in range(6):
-                    bv[p] += m[p] * yv
-                    for q in range(6):
-                        A[p, q] += m[p] * m[q]
-                ysum += yv
-                used += 1
+    for k in range(n):
+        if lv[k] >= lo and lv[k] <= hi:
+            X = (xs[k] - w / 2) * s
+            Y = (ys[k] - h / 2) * s
+            m[0] = 1.0
+            m[1] = X
+            m[2] = Y
+            m[3] = X * X
+            m[4] = X * Y
+            m[5] = Y * Y
+            yv = np.log(lv[k] + 5.0)
+            for p in range(6):
+                bv[p] += m[p] * yv
+                for q in range(6):
+                    A[p, q] += m[p] * m[q]
+            ysum += yv
+            used += 1
     return A, bv, ysum, used, n
 
 
@@ -421,7 +435,7 @@ def _eye_centres(p):
 
 @_jit
 def face_metrics(p, h, w, t5, use_t5):
-    """The numbers stage.face_checks decides on, for landmarks p (68, 2) float64 of a face in an h x w
+    """The numbers face.face_checks decides on, for landmarks p (68, 2) float64 of a face in an h x w
     image: (eye distance D, brow/eye/nose/mouth points more than 0.1 D outside the image, mouth below the
     eyes in D, nose tip's share of the way from the eyes to the mouth, mean distance of the five points to
     the template ``t5`` in eye-mouth distances (when ``use_t5``), yaw in degrees)."""
@@ -461,8 +475,8 @@ def face_metrics(p, h, w, t5, use_t5):
 
 @_jit
 def _keep_clear(curve, lm, groups, glen, margins, above, ox, oy, exx, exy, eyx, eyy, D):
-    """render._keep_below for every group of ``groups`` (rows of landmark indices, ``glen`` used) at once,
-    in place: points of ``curve`` are pushed along ey (down, or up when ``above``) until they lie
+    """Keeps the top edge clear of landmarks, for every group of ``groups`` (rows of landmark indices, ``glen``
+    used) at once, in place: points of ``curve`` are pushed along ey (down, or up when ``above``) until they lie
     ``margins[g]`` px beyond the polyline through the group's landmarks, over its extent across the face
     (+- 0.1 D). Works in face coordinates (u along ex, v along ey); the curve is rewritten only if a point
     moved."""
@@ -521,23 +535,8 @@ def _keep_clear(curve, lm, groups, glen, margins, above, ox, oy, exx, exy, eyx, 
 
 
 @_jit
-def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, margins_a, jit):
-    """The mask outline of one type and wear on a face (render.build_geometry, which documents the shape).
-
-    lm (68, 2) float64. tg: the type's [top_sag, round, side_off, chin_off, corner_in, side_len,
-    chin_point]; wg: the wear's [apex landmark a, b, fraction, c_top, chin_extra]; groups_b / groups_a:
-    landmark polylines the top edge stays below / above (rows padded, ``glen`` used, margins in px);
-    jit: [apex, corner, side, chin, sag] per-image offsets.
-    Returns (top, bottom, outline, side_l, side_r, apex, low, hw_l, hw_r)."""
-    # face frame: eye centres, D, ex along the eye line, ey down; outward jaw normals
-    elx, ely, erx, ery = _eye_centres(lm)
-    D = np.hypot(erx - elx, ery - ely)
-    exx = (erx - elx) / D
-    exy = (ery - ely) / D
-    eyx = -exy
-    eyy = exx
-    ox = (elx + erx) / 2
-    oy = (ely + ery) / 2
+def _jaw_normals(lm):
+    """Unit normals of the jaw contour (points 0-16), turned away from the nose centroid (27-35)."""
     cx = 0.0
     cy = 0.0
     for k in range(27, 36):
@@ -560,22 +559,15 @@ def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, mar
             nx, ny = -nx, -ny
         normals[k, 0] = nx
         normals[k, 1] = ny
-    top_sag, rnd, side_off, chin_off, corner_in, side_len, chin_point = tg[0], tg[1], tg[2], tg[3], tg[4], tg[5], tg[6]
-    ia, ib = int(wg[0]), int(wg[1])
-    fa = wg[2] + jit[0]
-    apx = lm[ia, 0] + (lm[ib, 0] - lm[ia, 0]) * fa
-    apy = lm[ia, 1] + (lm[ib, 1] - lm[ia, 1]) * fa
-    c_top = min(max(wg[3] + jit[1], 0.0), 6.0)
-    n_half = 13 if D < 60 else 25
-    k = max(int(round((8.0 - c_top) * 3)), 4)
-    c_lo_l = min(c_top + side_len, 7.0)
-    c_lo_r = max(16.0 - c_top - side_len, 9.0)
-    n1 = k + 1
-    side = side_off + jit[2]
-    chin = chin_off + wg[4] + jit[3]
+    return normals
+
+
+@_jit
+def _jaw_points(lm, normals, c_top, c_lo_l, c_lo_r, n1, n_half, side, chin, chin_point, D):
+    """Every jaw point the outline needs, at fractional jaw indices, offset outwards along the contour normal
+    by a margin growing from ``side`` at the corners to ``chin`` at the chin (D units): contour left / right
+    (``n1`` each), lower contour left / right (``n_half`` each), sides left / right (5 each), jaw 3, 8, 13."""
     span = max(8.0 - c_top, 1e-6)
-    # every jaw index needed, offset outwards along the contour normal in one loop: contour left / right
-    # (n1 each), lower contour left / right (n_half each), sides left / right (5 each), jaw 3, 8, 13
     nidx = 2 * n1 + 2 * n_half + 13
     pts = np.empty((nidx, 2))
     for q in range(nidx):
@@ -605,35 +597,14 @@ def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, mar
         nn = max(np.hypot(nx, ny), 1e-9)
         pts[q, 0] = lm[lo, 0] * (1 - f) + lm[hi, 0] * f + nx / nn * off
         pts[q, 1] = lm[lo, 1] * (1 - f) + lm[hi, 1] * f + ny / nn * off
-    cont_l = pts[:n1]
-    cont_r = pts[n1:2 * n1]
-    i0 = 2 * n1
-    bottom = np.empty((2 * n_half - 1, 2))
-    for q in range(2 * n_half - 1):           # lower contour: left half, then right half without its start
-        src = i0 + q if q < n_half else i0 + q + 1
-        bottom[q, 0] = pts[src, 0]
-        bottom[q, 1] = pts[src, 1]
-    i0 += 2 * n_half
-    side_l = np.empty((5, 2))
-    side_r = np.empty((5, 2))
-    for q in range(5):
-        for c in range(2):
-            side_l[q, c] = pts[i0 + q, c]
-            side_r[q, c] = pts[i0 + 5 + q, c]
-    m3x, m3y = pts[i0 + 10, 0], pts[i0 + 10, 1]
-    lowx, lowy = pts[i0 + 11, 0], pts[i0 + 11, 1]
-    m13x, m13y = pts[i0 + 12, 0], pts[i0 + 12, 1]
-    # midline (apex -> lowest point) and its normal towards the image-right half of the face
-    mx = lowx - apx
-    my = lowy - apy
-    ml = max(np.hypot(mx, my), 1e-9)
-    rx = -my / ml
-    ry = mx / ml
-    if rx * exx + ry * exy < 0:
-        rx, ry = -rx, -ry
-    # top edge: two cubics corner -> apex, apex tangent between pointed (towards the corner) and round
-    sgx = eyx * (top_sag + jit[4]) * D
-    sgy = eyy * (top_sag + jit[4]) * D
+    return pts
+
+
+@_jit
+def _top_edge(cont_l, cont_r, n1, n_half, apx, apy, rx, ry, exx, exy, sgx, sgy, rnd, corner_in):
+    """The top edge, left corner -> apex -> right corner: two cubics whose tangent at the apex lies between
+    pointed (towards the corner) and round (along the eye line), by ``rnd``; corners pulled towards the
+    midline (normal (rx, ry)) by ``corner_in``, the curve sagging by (sgx, sgy) between corner and apex."""
     top = np.empty((2 * n_half - 1, 2))
     for half in range(2):
         if half == 0:
@@ -671,12 +642,15 @@ def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, mar
             elif q < n_half - 1:
                 top[2 * n_half - 2 - q, 0] = x
                 top[2 * n_half - 2 - q, 1] = y
-    _keep_clear(top, lm, groups_b, glen_b, margins_b, False, ox, oy, exx, exy, eyx, eyy, D)
-    if groups_a.shape[0]:
-        _keep_clear(top, lm, groups_a, glen_a, margins_a, True, ox, oy, exx, exy, eyx, eyy, D)
+    return top
+
+
+@_jit
+def _outline(top, cont_l, cont_r, n1):
+    """The closed body polygon: the top edge, the right contour upwards, the left contour downwards."""
     nt = top.shape[0]
     outline = np.empty((nt + 2 * (n1 - 2) + 1, 2))
-    for q in range(outline.shape[0]):       # top edge, right contour upwards, left contour downwards
+    for q in range(outline.shape[0]):
         for c in range(2):
             if q < nt:
                 outline[q, c] = top[q, c]
@@ -684,6 +658,75 @@ def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, mar
                 outline[q, c] = cont_r[n1 - 2 - (q - nt), c]
             else:
                 outline[q, c] = cont_l[n1 - 1 - (q - nt - (n1 - 2)), c]
+    return outline
+
+
+@_jit
+def mask_geometry(lm, tg, wg, groups_b, glen_b, margins_b, groups_a, glen_a, margins_a, jitter):
+    """The mask outline of one type and wear on a face (render.build_geometry, which documents the shape).
+
+    lm (68, 2) float64. tg: the type's [top_sag, round, side_off, chin_off, corner_in, side_len,
+    chin_point]; wg: the wear's [apex landmark a, b, fraction, c_top, chin_extra]; groups_b / groups_a:
+    landmark polylines the top edge stays below / above (rows padded, ``glen`` used, margins in px);
+    jitter: [apex, corner, side, chin, sag] per-image offsets.
+    Returns (top, bottom, outline, side_l, side_r, apex, low, hw_l, hw_r)."""
+    # face frame: eye centres, D, ex along the eye line, ey down
+    elx, ely, erx, ery = _eye_centres(lm)
+    D = np.hypot(erx - elx, ery - ely)
+    exx = (erx - elx) / D
+    exy = (ery - ely) / D
+    eyx = -exy
+    eyy = exx
+    ox = (elx + erx) / 2
+    oy = (ely + ery) / 2
+    top_sag, rnd, side_off, chin_off, corner_in, side_len, chin_point = tg[0], tg[1], tg[2], tg[3], tg[4], tg[5], tg[6]
+    ia, ib = int(wg[0]), int(wg[1])
+    fa = wg[2] + jitter[0]
+    apx = lm[ia, 0] + (lm[ib, 0] - lm[ia, 0]) * fa
+    apy = lm[ia, 1] + (lm[ib, 1] - lm[ia, 1]) * fa
+    c_top = min(max(wg[3] + jitter[1], 0.0), 6.0)
+    n_half = 13 if D < 60 else 25
+    k = max(int(round((8.0 - c_top) * 3)), 4)
+    c_lo_l = min(c_top + side_len, 7.0)
+    c_lo_r = max(16.0 - c_top - side_len, 9.0)
+    n1 = k + 1
+    pts = _jaw_points(lm, _jaw_normals(lm), c_top, c_lo_l, c_lo_r, n1, n_half, side_off + jitter[2],
+                      chin_off + wg[4] + jitter[3], chin_point, D)
+    cont_l = pts[:n1]
+    cont_r = pts[n1:2 * n1]
+    i0 = 2 * n1
+    bottom = np.empty((2 * n_half - 1, 2))
+    for q in range(2 * n_half - 1):           # lower contour: left half, then right half without its start
+        src = i0 + q if q < n_half else i0 + q + 1
+        bottom[q, 0] = pts[src, 0]
+        bottom[q, 1] = pts[src, 1]
+    i0 += 2 * n_half
+    side_l = np.empty((5, 2))
+    side_r = np.empty((5, 2))
+    for q in range(5):
+        for c in range(2):
+            side_l[q, c] = pts[i0 + q, c]
+            side_r[q, c] = pts[i0 + 5 + q, c]
+    m3x, m3y = pts[i0 + 10, 0], pts[i0 + 10, 1]
+    lowx, lowy = pts[i0 + 11, 0], pts[i0 + 11, 1]
+    m13x, m13y = pts[i0 + 12, 0], pts[i0 + 12, 1]
+    # midline (apex -> lowest point) and its normal towards the image-right half of the face
+    mx = lowx - apx
+    my = lowy - apy
+    ml = max(np.hypot(mx, my), 1e-9)
+    rx = -my / ml
+    ry = mx / ml
+    if rx * exx + ry * exy < 0:
+        rx, ry = -rx, -ry
+    # top edge: two cubics corner -> apex, sagging between them
+    sgx = eyx * (top_sag + jitter[4]) * D
+    sgy = eyy * (top_sag + jitter[4]) * D
+    top = _top_edge(cont_l, cont_r, n1, n_half, apx, apy, rx, ry, exx, exy, sgx, sgy, rnd, corner_in)
+    _keep_clear(top, lm, groups_b, glen_b, margins_b, False, ox, oy, exx, exy, eyx, eyy, D)
+    if groups_a.shape[0]:
+        _keep_clear(top, lm, groups_a, glen_a, margins_a, True, ox, oy, exx, exy, eyx, eyy, D)
+    outline = _outline(top, cont_l, cont_r, n1)
+    nt = top.shape[0]
     for c in range(2):
         side_l[0, c] = top[0, c]
         side_r[0, c] = top[nt - 1, c]

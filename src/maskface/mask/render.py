@@ -1,6 +1,9 @@
 """Mask geometry from 68 landmarks, and rendering: shading from the face's own light, anti-aliased edges,
 blur and noise matched to the image, compositing, and the binary occlusion map.
 
+:func:`render` draws one mask on one face; :func:`maskface.mask.face.mask_face` calls it with the face's
+drawn :class:`~maskface.mask.style.Style`, and it runs its inner loops in :mod:`~maskface.mask.kernels`.
+
 Geometry (all in image pixels, derived from the landmarks of *this* face; D = distance of the eye centres)
     * The face frame: ``ex`` along the eye line, ``ey`` perpendicular, down the face.
     * The top edge runs from a corner on the jaw contour (fractional jaw index ``c_top``), over an apex on
@@ -51,9 +54,6 @@ ONE = 1 << SHIFT
 # LFW statistics used to normalise exposure and colour cast (measured on 996 aligned 112x96 crops).
 LFW_P90_LUMA = 178.5
 LFW_MEAN_RGB = np.array([143.6, 111.2, 91.4], np.float32)
-
-MASK_TYPES = ("surgical", "n95", "kn95", "cloth", "gas")
-WEARS = ("proper", "nose_out", "chin")
 
 
 class SkipFace(Exception):
@@ -160,13 +160,12 @@ class Geometry:
         return self.top[m] * (1 - _unit(n)) + self.bottom[m] * _unit(n)
 
 
-def build_geometry(face: FaceFrame, mask_type: str, wear: str, jit: dict) -> Geometry:
-    """The mask outline of ``mask_type`` worn ``wear`` on ``face``. ``jit``: per-image random offsets.
+def build_geometry(face: FaceFrame, mask_type: str, wear: str, jitter: dict) -> Geometry:
+    """The mask outline of ``mask_type`` worn ``wear`` on ``face``. ``jitter``: per-image random offsets.
     Computed by :func:`maskface.mask.kernels.mask_geometry` (the construction is described at the top of
     this module and in TYPE_GEOM / WEAR_GEOM)."""
     tg, wg, below, above = _GEOM_ARRAYS[(mask_type, wear)]
-    j = np.array([jit.get("apex", 0.0), jit.get("corner", 0.0), jit.get("side", 0.0), jit.get("chin", 0.0),
-                  jit.get("sag", 0.0)], np.float64)
+    j = np.array([jitter.get(k, 0.0) for k in ("apex", "corner", "side", "chin", "sag")], np.float64)
     D = face.D
     top, bottom, outline, side_l, side_r, apex, low, hw_l, hw_r = K.mask_geometry(
         face.lm, tg, wg, below[0], below[1], below[2] * D, above[0], above[1], above[2] * D, j)
@@ -370,7 +369,7 @@ def render(img: np.ndarray, lm: np.ndarray, mask_type: str, wear: str, color: st
     """Draw one mask on ``img`` (RGB uint8, not modified) for the face with landmarks ``lm`` (68, 2).
 
     ``prm``: the per-image random choices (geometry jitter, texture parameters, accessory colours), see
-    :func:`maskface.mask.stage.draw_style`. ``rng`` supplies the pixel noise (drawn last). ``stats``:
+    :func:`maskface.mask.style.draw_style`. ``rng`` supplies the pixel noise (drawn last). ``stats``:
     :func:`image_stats` of the image (or of the face region of a large photo)."""
     h, w = img.shape[:2]
     face = FaceFrame(lm)
@@ -378,15 +377,7 @@ def render(img: np.ndarray, lm: np.ndarray, mask_type: str, wear: str, color: st
     geo = build_geometry(face, mask_type, wear, prm["jitter"])
     parts = accessories(face, geo, mask_type, prm)
     stats = stats if stats is not None else image_stats(img)
-    # region of interest: the body and every accessory, plus room for blur and the contact shadow
-    lo, hi = geo.outline.min(0), geo.outline.max(0)
-    bx = [lo[0], lo[1], hi[0], hi[1]]
-    for p in parts:
-        pb = p.bbox()
-        bx = [min(bx[0], pb[0]), min(bx[1], pb[1]), max(bx[2], pb[2]), max(bx[3], pb[3])]
-    margin = 3 + int(math.ceil(2 * stats["blur"])) + int(math.ceil(0.15 * D))
-    x0, y0 = max(int(math.floor(bx[0])) - margin, 0), max(int(math.floor(bx[1])) - margin, 0)
-    x1, y1 = min(int(math.ceil(bx[2])) + margin + 1, w), min(int(math.ceil(bx[3])) + margin + 1, h)
+    x0, y0, x1, y1 = _region(geo, parts, stats["blur"], D, (h, w))
     if x1 - x0 < 2 or y1 - y0 < 2:
         raise SkipFace("mask_outside", "the mask falls outside the image")
     off = np.array([x0, y0], np.float64)
@@ -398,16 +389,7 @@ def render(img: np.ndarray, lm: np.ndarray, mask_type: str, wear: str, color: st
     if not (a_body > 0.5).any():
         raise SkipFace("mask_outside", "the mask falls outside the image")
     roi8 = img[y0:y1, x0:x1]
-    # surface coordinates, one compiled pass (kernels.surface_coords)
-    ax_, ay_ = float(geo.apex[0]), float(geo.apex[1])
-    mx, my = float(geo.low[0]) - ax_, float(geo.low[1]) - ay_
-    mlen = max(math.hypot(mx, my), 1e-6)
-    mx, my = mx / mlen, my / mlen
-    rx, ry = -my, mx
-    if rx * face.ex[0] + ry * face.ex[1] < 0:
-        rx, ry = -rx, -ry
-    d, xn, u, v, vn = K.surface_coords(x0, y0, rh, rw, ax_, ay_, mx, my, rx, ry, 1.0 / geo.hw_l, 1.0 / geo.hw_r,
-                                       (geo.hw_l + geo.hw_r) / 2 / D, 1.0 / D, 1.0 / mlen)
+    d, xn, u, v, vn = _surface(face, geo, x0, y0, rh, rw)
     # one zero-mean, unit-variance noise field: fabric grain (multiplicative) and sensor noise (additive)
     noise = rng.random((rh, rw), dtype=np.float32)
     noise -= np.float32(0.5)
@@ -436,6 +418,36 @@ def render(img: np.ndarray, lm: np.ndarray, mask_type: str, wear: str, color: st
     K.composite(roi8, rgb, alpha, a_body, noise, noise_sd, max(int(round(0.03 * D)), 1),
                 result[y0:y1, x0:x1], occ[y0:y1, x0:x1])
     return Rendered(image=result, occlusion=occ, outline=geo.outline, geometry=geo, roi=(x0, y0, x1, y1))
+
+
+def _region(geo: Geometry, parts: list[Part], blur: float, D: float, size_hw: tuple[int, int]) -> tuple:
+    """(x0, y0, x1, y1): the body and every accessory, plus room for blur and the contact shadow, clipped
+    to the image."""
+    h, w = size_hw
+    lo, hi = geo.outline.min(0), geo.outline.max(0)
+    bx = [lo[0], lo[1], hi[0], hi[1]]
+    for p in parts:
+        pb = p.bbox()
+        bx = [min(bx[0], pb[0]), min(bx[1], pb[1]), max(bx[2], pb[2]), max(bx[3], pb[3])]
+    margin = 3 + int(math.ceil(2 * blur)) + int(math.ceil(0.15 * D))
+    x0, y0 = max(int(math.floor(bx[0])) - margin, 0), max(int(math.floor(bx[1])) - margin, 0)
+    x1, y1 = min(int(math.ceil(bx[2])) + margin + 1, w), min(int(math.ceil(bx[3])) + margin + 1, h)
+    return x0, y0, x1, y1
+
+
+def _surface(face: FaceFrame, geo: Geometry, x0: int, y0: int, rh: int, rw: int) -> tuple:
+    """Surface coordinates (d, xn, u, v, vn) of the region's pixels, one compiled pass
+    (:func:`maskface.mask.kernels.surface_coords`), from the midline apex -> lowest point."""
+    D = face.D
+    ax_, ay_ = float(geo.apex[0]), float(geo.apex[1])
+    mx, my = float(geo.low[0]) - ax_, float(geo.low[1]) - ay_
+    mlen = max(math.hypot(mx, my), 1e-6)
+    mx, my = mx / mlen, my / mlen
+    rx, ry = -my, mx
+    if rx * face.ex[0] + ry * face.ex[1] < 0:
+        rx, ry = -rx, -ry
+    return K.surface_coords(x0, y0, rh, rw, ax_, ay_, mx, my, rx, ry, 1.0 / geo.hw_l, 1.0 / geo.hw_r,
+                            (geo.hw_l + geo.hw_r) / 2 / D, 1.0 / D, 1.0 / mlen)
 
 
 def _composite_part(part: Part, rgb, alpha, light, colour, off, size) -> None:

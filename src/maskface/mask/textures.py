@@ -1,10 +1,12 @@
-"""Mask colours and fabric textures.
+"""Mask colours and fabric textures: the names the config and the draws choose from
+(:mod:`~maskface.mask.config`, :mod:`~maskface.mask.style`) and the albedo :mod:`~maskface.mask.render`
+paints with. Imports nothing of the package.
 
 A texture is evaluated per pixel from mask surface coordinates ``(u, v)`` in units of the face's eye
 distance ``D`` (u across the face, arc length on a cylinder so patterns compress towards the cheeks; v down
 the face's midline), so a pattern keeps its size relative to the face at any resolution and bends with the
-head. Every function returns an albedo image (H, W, 3) float32 in 0..1 and is anti-aliased at the pixel
-scale ``pix`` (one pixel in D units).
+head. :func:`albedo` returns a planar (3, H, W) float32 image in 0..1, anti-aliased at the pixel scale
+``pix`` (one pixel in D units).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 TEXTURES = ("solid", "stripes", "checks", "dots", "printed", "noise")
 
 # What each type is made of in the real world: the colours and textures drawn for it. A draw from
-# mask.colors / mask.textures is restricted to these (weights renormalised); see stage.choose_style.
+# mask.colors / mask.textures is restricted to these (weights renormalised); see style.draw_style.
 TYPE_COLORS: dict[str, tuple[str, ...]] = {
     "surgical": ("white", "light_blue", "teal", "blue", "black", "pink", "grey", "purple", "yellow"),
     "n95": ("white", "grey", "light_blue", "beige", "black"),

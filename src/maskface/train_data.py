@@ -1,0 +1,306 @@
+"""Training data of the SphereFace stage: the crop caches, the training images of a run, and the sample stream.
+The loop that consumes it is maskface.train; the fold evaluation, which reads the same caches, is
+maskface.foldeval.
+
+Caches (pre-decoded uint8, so decoding never runs in the training loop)
+    ``build_cache`` decodes a dataset's crops once from the Parquet shards (``image_id`` + PNG column) of the
+    aligned stage (``variant=clean``) or the mask stage (``variant=masked``) into
+    ``results/train_cache/{dataset}/{variant}.npy``: a (N, 112, 96, 3) uint8 array, RGB, opened memory-mapped,
+    and ``{variant}.parquet`` mapping image_id to row. A batch is a fancy-index gather from that array (~16 MB
+    for 512 crops) in a prefetch thread, a pinned host tensor, one non-blocking copy; flip and the
+    ``(p - 127.5) / 128`` normalisation run on the device, and the NHWC uint8 batch permuted to NCHW *is*
+    channels_last. Training images: aligned manifest rows with ``status`` in ``train.statuses`` (default
+    ``ok``: SphereFace drops images without a detection from training), identities with at least
+    ``train.min_images`` such images; labels = sorted ``"{dataset}/{identity}"``. Under ``lfw_unrestricted``
+    the people of the held-out fold's pairs are left out (``build_data``).
+
+Sample stream
+    The samples are an endless sequence of epochs; epoch ``e`` is a permutation drawn from
+    ``numpy.random.default_rng([seed, e])``, together with, per sample, a uniform draw for "served masked"
+    (``< train.mask_fraction``; a sample whose masked crop is missing is served clean) and one for the flip
+    (``< 0.5`` when ``train.flip``). Global batch ``t`` is stream positions ``[t B, (t + 1) B)``; with DDP rank
+    ``r`` of ``W`` takes the ``r``-th ``B / W`` slice (``train.batch_size`` is the global batch). The data
+    position is therefore a pure function of (seed, iteration): resuming never replays or skips a sample.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .fileio import atomic_path
+from .imageio import decode_png
+from .manifest import write_parquet
+from .train_config import merged
+
+CROP_SHAPE = (112, 96, 3)
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+def png_column(path: str | os.PathLike) -> str:
+    """The PNG bytes column of a crops shard: ``png`` if present, else the only binary column."""
+    schema = pq.read_schema(path)
+    if "png" in schema.names:
+        return "png"
+    cands = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    if len(cands) != 1:
+        raise ValueError(f"{path}: cannot tell which column holds the PNG crops (binary columns: {cands})")
+    return cands[0]
+
+
+def build_cache(shards: Sequence[str | os.PathLike], npy_path: str | os.PathLike, index_path: str | os.PathLike,
+                *, threads: int = 2, prov: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
+    """Decode every crop of ``shards`` (Parquet: image_id + PNG bytes; null = no crop) into a uint8
+    (N, 112, 96, 3) ``.npy`` and an index Parquet (image_id, row, plus ``status`` when the shards have it)."""
+    frames = []
+    for p in shards:
+        col = png_column(p)
+        names = pq.read_schema(p).names
+        cols = ["image_id", col] + [c for c in ("status", "identity") if c in names]
+        df = pq.read_table(p, columns=cols).to_pandas()
+        df = df.rename(columns={col: "png"})
+        frames.append(df[df["png"].notna()])
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"image_id": [], "png": []})
+    df = df.sort_values("image_id", kind="stable").reset_index(drop=True)
+    if df["image_id"].duplicated().any():
+        raise ValueError(f"duplicate image_id in shards, e.g. {df.loc[df['image_id'].duplicated(), 'image_id'].iloc[0]!r}")
+    with atomic_path(npy_path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(df),) + CROP_SHAPE)
+        with ThreadPoolExecutor(max(1, int(threads))) as ex:
+            list(ex.map(functools.partial(_decode_into, arr, df), range(len(df)), chunksize=256))
+        arr.flush()
+        del arr
+    index = df.drop(columns=["png"]).assign(row=np.arange(len(df), dtype=np.int64))
+    write_parquet(index, index_path, prov)
+    return index
+
+
+def _decode_into(arr: np.ndarray, df: pd.DataFrame, i: int) -> None:
+    img = decode_png(df["png"].iat[i])
+    if img.shape != CROP_SHAPE:
+        raise ValueError(f"{df['image_id'].iat[i]}: crop is {img.shape}, expected {CROP_SHAPE} (SphereFace "
+                         f"112x96 template)")
+    arr[i] = img
+
+
+def open_cache(npy_path: str | os.PathLike, index_path: str | os.PathLike) -> tuple[np.ndarray, pd.DataFrame]:
+    arr = np.load(npy_path, mmap_mode="r")
+    index = pd.read_parquet(index_path)
+    if arr.shape[1:] != CROP_SHAPE or len(arr) != len(index):
+        raise ValueError(f"{npy_path}: shape {arr.shape} does not match its index ({len(index)} rows) or 112x96x3")
+    return arr, index
+
+
+# -------------------------------------------------------------------------------------------- selection
+
+def identity_of(image_id: str) -> str:
+    return image_id.rsplit("/", 1)[0]
+
+
+def fold_identities(pairs: pd.DataFrame, fold: int) -> set[str]:
+    """People appearing in fold ``fold`` of pairs.txt (either side of any pair)."""
+    sel = pairs[pairs["fold"] == fold]
+    if sel.empty:
+        raise ValueError(f"fold {fold} has no pairs (folds: {sorted(pairs['fold'].unique().tolist())})")
+    return {identity_of(i) for i in pd.concat([sel["a"], sel["b"]]).astype(str)}
+
+
+def select_training(manifest: pd.DataFrame, *, statuses: Sequence[str] = ("ok",), min_images: int = 1,
+                    exclude_identities: Iterable[str] = ()) -> pd.DataFrame:
+    """Training rows (image_id, identity) of an aligned manifest."""
+    df = manifest[manifest["status"].astype(str).isin(list(statuses))][["image_id", "identity"]].copy()
+    df["identity"] = df["identity"].astype(str)
+    excl = set(exclude_identities)
+    if excl:
+        df = df[~df["identity"].isin(excl)]
+    counts = df["identity"].value_counts()
+    df = df[df["identity"].map(counts) >= int(min_images)]
+    return df.sort_values("image_id", kind="stable").reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+class TrainData:
+    """Training samples over one or more datasets' caches: per sample its source, clean row, masked row (-1:
+    none) and label."""
+
+    def __init__(self, clean: list[np.ndarray], masked: list[Optional[np.ndarray]], src: np.ndarray,
+                 clean_row: np.ndarray, masked_row: np.ndarray, labels: np.ndarray, classes: list[str]):
+        self.clean, self.masked = clean, masked
+        self.src, self.clean_row, self.masked_row = src, clean_row, masked_row
+        self.labels, self.classes = labels, classes
+        self.has_masked = masked_row >= 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @classmethod
+    def from_sources(cls, sources: Sequence[Mapping[str, Any]], *, statuses: Sequence[str] = ("ok",),
+                     min_images: int = 1, exclude: Optional[Mapping[str, Iterable[str]]] = None,
+                     need_masked: bool = False) -> "TrainData":
+        """``sources``: dicts with ``dataset``, ``manifest`` (aligned manifest path or DataFrame), ``clean``
+        (npy, index) and optional ``masked`` (npy, index). ``exclude``: {dataset: identities to leave out}."""
+        clean, masked, parts = [], [], []
+        for s_i, src in enumerate(sources):
+            man = src["manifest"]
+            man = pd.read_parquet(man, columns=["image_id", "identity", "status"]) if not isinstance(man, pd.DataFrame) else man
+            sel = select_training(man, statuses=statuses, min_images=min_images,
+                                  exclude_identities=(exclude or {}).get(src["dataset"], ()))
+            c_arr, c_idx = open_cache(*src["clean"])
+            crow = sel["image_id"].map(dict(zip(c_idx["image_id"], c_idx["row"])))
+            if crow.isna().any():
+                raise ValueError(f"{src['dataset']}: {int(crow.isna().sum())} training images have no crop in the "
+                                 f"clean cache, e.g. {sel['image_id'][crow.isna()].iloc[0]!r}")
+            m_arr, mrow = None, np.full(len(sel), -1, dtype=np.int64)
+            if src.get("masked"):
+                m_arr, m_idx = open_cache(*src["masked"])
+                mrow = sel["image_id"].map(dict(zip(m_idx["image_id"], m_idx["row"]))).fillna(-1).to_numpy(np.int64)
+            elif need_masked:
+                raise ValueError(f"{src['dataset']}: mask_fraction > 0 needs the masked crops (no masked cache)")
+            clean.append(c_arr)
+            masked.append(m_arr)
+            parts.append(pd.DataFrame({"src": s_i, "clean_row": crow.to_numpy(np.int64), "masked_row": mrow,
+                                       "cls": src["dataset"] + "/" + sel["identity"]}))
+        df = pd.concat(parts, ignore_index=True)
+        classes = sorted(df["cls"].unique().tolist())
+        label = df["cls"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
+        return cls(clean, masked, df["src"].to_numpy(np.int16), df["clean_row"].to_numpy(np.int64),
+                   df["masked_row"].to_numpy(np.int64), label, classes)
+
+    def gather(self, idx: np.ndarray, use_masked: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """uint8 (len(idx), 112, 96, 3) RGB crops (into ``out`` if given); ``use_masked`` picks the masked
+        crop of a sample."""
+        if out is None:
+            out = np.empty((len(idx),) + CROP_SHAPE, dtype=np.uint8)
+        src = self.src[idx]
+        for s in np.unique(src):
+            sel = src == s
+            m = sel & use_masked
+            c = sel & ~use_masked
+            if c.any():
+                rows = self.clean_row[idx[c]]
+                order = np.argsort(rows, kind="stable")  # sorted reads are kinder to a memory map
+                tmp = self.clean[s][rows[order]]
+                out[np.flatnonzero(c)[order]] = tmp
+            if m.any():
+                rows = self.masked_row[idx[m]]
+                order = np.argsort(rows, kind="stable")
+                out[np.flatnonzero(m)[order]] = self.masked[s][rows[order]]
+        return out
+
+
+class StreamSampler:
+    """The deterministic sample stream (module docstring): position -> (sample, served masked, flipped)."""
+
+    def __init__(self, n: int, seed: int, mask_fraction: float, has_masked: np.ndarray, flip: bool):
+        self.n, self.seed = int(n), int(seed)
+        self.mask_fraction, self.flip = float(mask_fraction), bool(flip)
+        self.has_masked = np.asarray(has_masked, dtype=bool)
+        self._plans: dict = {}
+
+    def plan(self, epoch: int):
+        """(permutation, served masked, flipped) of epoch ``epoch`` (the last two epochs are cached)."""
+        if epoch not in self._plans:
+            rng = np.random.default_rng([self.seed, int(epoch)])
+            perm = rng.permutation(self.n)
+            u_mask = rng.random(self.n)
+            u_flip = rng.random(self.n)
+            masked = (u_mask < self.mask_fraction) & self.has_masked[perm]
+            flip = (u_flip < 0.5) if self.flip else np.zeros(self.n, dtype=bool)
+            self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
+            self._plans[epoch] = (perm, masked, flip)
+        return self._plans[epoch]
+
+    def take(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx, msk, flp = [], [], []
+        pos, end = int(start), int(start) + int(count)
+        while pos < end:
+            e, o = divmod(pos, self.n)
+            k = min(end - pos, self.n - o)
+            perm, masked, flip = self.plan(e)
+            idx.append(perm[o:o + k])
+            msk.append(masked[o:o + k])
+            flp.append(flip[o:o + k])
+            pos += k
+        return np.concatenate(idx), np.concatenate(msk), np.concatenate(flp)
+
+
+class BatchStream:
+    """Iterator of (iteration, uint8 NHWC batch, labels, flip flags, served-masked count) for iterations
+    ``start`` to ``stop`` (0-based), in order, with ``prefetch`` batches in flight on ``workers`` threads (numpy's
+    gather releases the GIL). On CUDA the gather writes straight into pinned memory (torch's caching host
+    allocator), so the host->device copy can be asynchronous."""
+
+    def __init__(self, data: TrainData, sampler: StreamSampler, start: int, stop: int, global_batch: int,
+                 rank: int = 0, world: int = 1, prefetch: int = 4, pin: bool = False, workers: int = 1):
+        if global_batch % world:
+            raise ValueError(f"batch_size {global_batch} is not divisible by the {world} processes")
+        self.data, self.sampler = data, sampler
+        self.start, self.stop, self.B, self.b = int(start), int(stop), int(global_batch), int(global_batch) // world
+        self.rank, self.pin, self.prefetch = int(rank), bool(pin), max(1, int(prefetch))
+        self.pool = ThreadPoolExecutor(max(1, int(workers)), thread_name_prefix="batch-stream")
+        self._lock = threading.Lock()  # the sampler caches one epoch plan: plans are drawn under the lock
+
+    def make(self, it: int):
+        pos = it * self.B + self.rank * self.b
+        with self._lock:
+            idx, msk, flp = self.sampler.take(pos, self.b)
+        if self.pin:
+            x = torch.empty((self.b,) + CROP_SHAPE, dtype=torch.uint8, pin_memory=True)
+            self.data.gather(idx, msk, out=x.numpy())
+            y = torch.from_numpy(self.data.labels[idx]).pin_memory()
+            f = torch.from_numpy(flp).pin_memory()
+        else:
+            x = torch.from_numpy(self.data.gather(idx, msk))
+            y = torch.from_numpy(self.data.labels[idx])
+            f = torch.from_numpy(flp)
+        return it, x, y, f, int(msk.sum())
+
+    def __iter__(self):
+        pending: collections.deque = collections.deque()
+        nxt = self.start
+        try:
+            while nxt < self.stop and len(pending) < self.prefetch:
+                pending.append(self.pool.submit(self.make, nxt))
+                nxt += 1
+            while pending:
+                item = pending.popleft().result()
+                if nxt < self.stop:
+                    pending.append(self.pool.submit(self.make, nxt))
+                    nxt += 1
+                yield item
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def build_data(spec: Mapping[str, Any]) -> TrainData:
+    """The training images of a run's spec: its sources, less the held-out fold's people (``exclude_fold``), with
+    the masked crops only when ``mask_fraction`` > 0."""
+    cfg = merged(spec.get("train"))
+    exclude = {}
+    if spec.get("exclude_fold") is not None:
+        pairs = pd.read_parquet(spec["pairs"]) if not isinstance(spec["pairs"], pd.DataFrame) else spec["pairs"]
+        people = fold_identities(pairs, int(spec["exclude_fold"]))
+        exclude = {s["dataset"]: people for s in spec["sources"]}
+    need_masked = float(cfg["mask_fraction"]) > 0
+    sources = [dict(s, masked=s.get("masked") if need_masked else None) for s in spec["sources"]]
+    return TrainData.from_sources(sources, statuses=cfg["statuses"], min_images=cfg["min_images"],
+                                  exclude=exclude, need_masked=need_masked)
