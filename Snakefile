@@ -2,7 +2,6 @@
 #   snakemake --cores all                                   # everything, default config.yaml
 #   snakemake --cores all --configfile config/lfw-local.yaml
 #   snakemake --cores all <target>                          # one stage: see `rule` names in workflow/rules/
-import glob
 import os
 import sys
 
@@ -39,17 +38,30 @@ validate(config, schema="workflow/schemas/config.schema.yaml", set_default=True)
 report: "workflow/report/workflow.rst"
 
 
+# The pipeline, stage by stage (each file holds rules only; the plan, paths and input functions are in common.smk).
 include: "workflow/rules/common.smk"
 
 
-# Each stage's rules live in workflow/rules/<stage>.smk and register their final outputs in STAGE_TARGETS.
-for _smk in sorted(glob.glob(os.path.join(workflow.basedir, "workflow", "rules", "*.smk"))):
-    if os.path.basename(_smk) != "common.smk":
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    shard=r"\d+",
+    variant="clean|masked",
+    cvariant="clean|masked",
+    model="|".join(re.escape(m) for m in EVAL_MODELS) or "no-model-configured",
+    run="|".join(re.escape(r) for r in TRAIN_RUNS) or "no-run-configured",
 
-        include: _smk
+
+include: "workflow/rules/download.smk"
+include: "workflow/rules/manifest.smk"
+include: "workflow/rules/align.smk"
+include: "workflow/rules/mask.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/demo.smk"
 
 
 rule all:
     default_target: True
     input:
-        all_targets,
+        final_targets(),

@@ -3,37 +3,26 @@
 #   results/manifests/{dataset}/aligned.parquet        every raw row, one each (no PNGs)
 #   results/aligned/{dataset}/summary.json             detection rate, fallbacks, multi-face count, fit error
 #   results/aligned/{dataset}/fidelity.json            landmarks re-detected on a sample of crops vs template
-# Only the settings that change the crops are params (a change reruns the shards); device, batch_size and
-# threads are read by the script from config and never trigger a rerun. Nothing outside `align:` is used,
-# so changing e.g. mask settings never reruns alignment.
-
-ALIGN_RESULT_KEYS = ["template", "min_face_size", "thresholds", "factor", "select", "on_no_face", "shards"]
-ALIGN_FIDELITY_SAMPLE = 500
-
-
-def align_cfg():
-    return plain({k: config["align"][k] for k in ALIGN_RESULT_KEYS})
-
-
-def align_shard_files(dataset):
-    return [f"{RESULTS}/aligned/{dataset}/shard-{s}.parquet" for s in range(config["align"]["shards"])]
+# Nothing outside `align:` is a param, so changing e.g. mask settings never reruns alignment.
+ALIGN_CODE = code_digest("align", "mtcnn", "shards", "stageconfig", "imageio", "manifest", "workers", "devices",
+                         "fileio")
 
 
 rule align_shard:
     input:
-        json=f"{RESULTS}/datasets/{{dataset}}/dataset.json",
-        raw=f"{RESULTS}/manifests/{{dataset}}/raw.parquet",
+        json=dataset_json(),
+        raw=raw_manifest(),
     output:
-        shard=f"{RESULTS}/aligned/{{dataset}}/shard-{{shard}}.parquet",
+        shard=aligned_shard(),
     params:
-        cfg=align_cfg(),
-        code=code("align", "imageio"),
+        cfg=ALIGN.result_params(),
+        code=ALIGN_CODE,
     conda:
         "../../envs/maskface.yaml"
     log:
-        f"{LOGS}/align/{{dataset}}/shard-{{shard}}.log",
+        log_path("align", "{dataset}", "shard-{shard}"),
     benchmark:
-        f"{BENCH}/align/{{dataset}}/shard-{{shard}}.tsv"
+        bench_path("align", "{dataset}", "shard-{shard}")
     threads: config["align"]["threads"]
     resources:
         **gpu_resources(config["align"]["device"]),
@@ -45,24 +34,24 @@ rule align_shard:
 
 rule align_merge:
     input:
-        json=f"{RESULTS}/datasets/{{dataset}}/dataset.json",
-        raw=f"{RESULTS}/manifests/{{dataset}}/raw.parquet",
-        shards=lambda wc: align_shard_files(wc.dataset),
+        json=dataset_json(),
+        raw=raw_manifest(),
+        shards=lambda wc: shards(wc.dataset, "clean"),
     output:
-        manifest=f"{RESULTS}/manifests/{{dataset}}/aligned.parquet",
-        summary=f"{RESULTS}/aligned/{{dataset}}/summary.json",
+        manifest=aligned_manifest(),
+        summary=stage_summary("aligned"),
     params:
-        cfg=align_cfg(),
-        code=code("align"),
+        cfg=ALIGN.result_params(),
+        code=ALIGN_CODE,
     conda:
         "../../envs/maskface.yaml"
     log:
-        f"{LOGS}/align/{{dataset}}/merge.log",
+        log_path("align", "{dataset}", "merge"),
     benchmark:
-        f"{BENCH}/align/{{dataset}}/merge.tsv"
+        bench_path("align", "{dataset}", "merge")
     threads: 1
     resources:
-        **part(),
+        **slurm_partition(),
         mem_mb=2048,
         runtime=10,
     script:
@@ -71,20 +60,20 @@ rule align_merge:
 
 rule align_fidelity:
     input:
-        manifest=f"{RESULTS}/manifests/{{dataset}}/aligned.parquet",
-        shards=lambda wc: align_shard_files(wc.dataset),
+        manifest=aligned_manifest(),
+        shards=lambda wc: shards(wc.dataset, "clean"),
     output:
-        fidelity=f"{RESULTS}/aligned/{{dataset}}/fidelity.json",
+        fidelity=align_fidelity(),
     params:
-        cfg=align_cfg(),
+        cfg=ALIGN.result_params(),
         sample=ALIGN_FIDELITY_SAMPLE,
-        code=code("align"),
+        code=ALIGN_CODE,
     conda:
         "../../envs/maskface.yaml"
     log:
-        f"{LOGS}/align/{{dataset}}/fidelity.log",
+        log_path("align", "{dataset}", "fidelity"),
     benchmark:
-        f"{BENCH}/align/{{dataset}}/fidelity.tsv"
+        bench_path("align", "{dataset}", "fidelity")
     threads: 1
     resources:
         **gpu_resources(config["align"]["device"]),     # re-detects a sample with the stage's detector
@@ -97,9 +86,4 @@ rule align_fidelity:
 rule align:
     """Named target: aligned manifests, summaries and fidelity checks of every dataset."""
     input:
-        expand(f"{RESULTS}/manifests/{{dataset}}/aligned.parquet", dataset=DATASETS),
-        expand(f"{RESULTS}/aligned/{{dataset}}/summary.json", dataset=DATASETS),
-        expand(f"{RESULTS}/aligned/{{dataset}}/fidelity.json", dataset=DATASETS),
-
-
-STAGE_TARGETS["align"] = rules.align.input
+        align_targets(),

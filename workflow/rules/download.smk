@@ -8,20 +8,20 @@ rule download:
     # on the submit host: compute nodes of many clusters have no internet (a local folder costs nothing either)
     localrule: True
     output:
-        json=f"{RESULTS}/datasets/{{dataset}}/dataset.json",
+        json=dataset_json(),
     params:
-        cfg=lambda wc: plain(dataset_cfg(wc.dataset)),
+        cfg=lambda wc: as_param(dataset_cfg(wc.dataset)),
         retries=config["download"]["retries"],
         timeout=config["download"]["timeout"],
-        code=code("download", "datasets"),
+        code=code_digest("download", "datasets", "fileio"),
     conda:
         "../../envs/maskface.yaml"
     log:
-        f"{LOGS}/download/{{dataset}}.log",
+        log_path("download", "{dataset}"),
     benchmark:
-        f"{BENCH}/download/{{dataset}}.tsv"
+        bench_path("download", "{dataset}")
     resources:
-        **part(),
+        **slurm_partition(),
         mem_mb=1024,
         runtime=240,
     threads: 1

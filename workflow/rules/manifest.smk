@@ -4,21 +4,21 @@
 
 rule raw_manifest:
     input:
-        json=f"{RESULTS}/datasets/{{dataset}}/dataset.json",
+        json=dataset_json(),
     output:
-        raw=f"{RESULTS}/manifests/{{dataset}}/raw.parquet",
+        raw=raw_manifest(),
     params:
-        code=code("datasets", "imageio", "manifest"),
+        code=code_digest("datasets", "imageio", "manifest", "workers", "fileio"),
         chunk=config["manifest"]["chunk"],
     conda:
         "../../envs/maskface.yaml"
     log:
-        f"{LOGS}/raw_manifest/{{dataset}}.log",
+        log_path("raw_manifest", "{dataset}"),
     benchmark:
-        f"{BENCH}/raw_manifest/{{dataset}}.tsv"
+        bench_path("raw_manifest", "{dataset}")
     threads: config["manifest"]["threads"]
     resources:
-        **part(),
+        **slurm_partition(),
         mem_mb=4096,
         runtime=120,
     script:
@@ -27,18 +27,18 @@ rule raw_manifest:
 
 rule pairs_manifest:
     input:
-        json=f"{RESULTS}/datasets/{{dataset}}/dataset.json",
-        raw=f"{RESULTS}/manifests/{{dataset}}/raw.parquet",
+        json=dataset_json(),
+        raw=raw_manifest(),
     output:
-        pairs=f"{RESULTS}/manifests/{{dataset}}/pairs.parquet",
+        pairs=pairs_manifest(),
     params:
-        code=code("datasets", "manifest"),
+        code=code_digest("datasets", "manifest", "fileio"),
     conda:
         "../../envs/maskface.yaml"
     log:
-        f"{LOGS}/pairs_manifest/{{dataset}}.log",
+        log_path("pairs_manifest", "{dataset}"),
     resources:
-        **part(),
+        **slurm_partition(),
         mem_mb=1024,
         runtime=10,
     script:
@@ -48,8 +48,4 @@ rule pairs_manifest:
 rule manifests:
     """Named target: the raw manifest of every dataset and the pairs of every LFW-format dataset."""
     input:
-        expand(f"{RESULTS}/manifests/{{dataset}}/raw.parquet", dataset=DATASETS),
-        expand(f"{RESULTS}/manifests/{{dataset}}/pairs.parquet", dataset=LFW_DATASETS),
-
-
-STAGE_TARGETS["manifests"] = rules.manifests.input
+        manifest_targets(),

@@ -6,53 +6,27 @@
 #                                                    wear, coverage, yaw_deg, landmarks68, seed, shard, ...
 #   results/masked/{dataset}/summary.json            masked rate, skips by reason, coverage per wear and type
 #   results/figures/mask_gallery.png                 every type x wear on real faces (non-private lfw dataset)
-# A mask shard reads the aligned shard of the same number (align.shards). Only the settings that change pixels
-# are params (a change reruns the shards); threads and batch are read by the script and never rerun anything.
-
-MASK_RESULT_KEYS = ["seed", "types", "colors", "textures", "wear", "upscale", "max_yaw_deg", "min_eye_px",
-                    "landmarks"]
-
-
-def mask_cfg():
-    return plain({k: config["mask"][k] for k in MASK_RESULT_KEYS})
-
-
-def mask_shard_files(dataset):
-    return [f"{RESULTS}/masked/{dataset}/shard-{s}.parquet" for s in range(config["align"]["shards"])]
-
-
-def _mask_gallery_dataset():
-    name = config["mask"].get("gallery")
-    if name:
-        if name not in DATASETS:
-            raise ValueError(f"mask.gallery: unknown dataset {name!r}; configured: {DATASETS}")
-        if dataset_cfg(name).get("private"):
-            raise ValueError(f"mask.gallery: dataset {name!r} is private; its faces may not appear in a figure")
-        return name
-    public_lfw = [d for d in LFW_DATASETS if not dataset_cfg(d).get("private")]
-    return public_lfw[0] if public_lfw else None
-
-
-MASK_GALLERY_DATASET = _mask_gallery_dataset()
+# A mask shard reads the aligned shard of the same number.
+MASK_CODE = code_digest("mask", "shards", "stageconfig", "imageio", "manifest", "workers", "fileio")
 
 
 rule mask_shard:
     input:
-        shard=f"{RESULTS}/aligned/{{dataset}}/shard-{{shard}}.parquet",
+        shard=aligned_shard(),
     output:
-        shard=f"{RESULTS}/masked/{{dataset}}/shard-{{shard}}.parquet",
+        shard=masked_shard(),
     params:
-        cfg=mask_cfg(),
-        code=code("mask", "imageio", "manifest"),
+        cfg=MASK.result_params(),
+        code=MASK_CODE,
     conda:
         "../../envs/maskface.yaml"
     log:
-        f"{LOGS}/mask/{{dataset}}/shard-{{shard}}.log",
+        log_path("mask", "{dataset}", "shard-{shard}"),
     benchmark:
-        f"{BENCH}/mask/{{dataset}}/shard-{{shard}}.tsv"
+        bench_path("mask", "{dataset}", "shard-{shard}")
     threads: config["mask"]["threads"]
     resources:
-        **part(),
+        **slurm_partition(),
         mem_mb=lambda wc, threads: 1500 + 700 * threads,
         runtime=60,
     script:
@@ -61,23 +35,23 @@ rule mask_shard:
 
 rule mask_merge:
     input:
-        aligned=f"{RESULTS}/manifests/{{dataset}}/aligned.parquet",
-        shards=lambda wc: mask_shard_files(wc.dataset),
+        aligned=aligned_manifest(),
+        shards=lambda wc: shards(wc.dataset, "masked"),
     output:
-        manifest=f"{RESULTS}/manifests/{{dataset}}/masked.parquet",
-        summary=f"{RESULTS}/masked/{{dataset}}/summary.json",
+        manifest=masked_manifest(),
+        summary=stage_summary("masked"),
     params:
-        cfg=mask_cfg(),
-        code=code("mask", "manifest"),
+        cfg=MASK.result_params(),
+        code=MASK_CODE,
     conda:
         "../../envs/maskface.yaml"
     log:
-        f"{LOGS}/mask/{{dataset}}/merge.log",
+        log_path("mask", "{dataset}", "merge"),
     benchmark:
-        f"{BENCH}/mask/{{dataset}}/merge.tsv"
+        bench_path("mask", "{dataset}", "merge")
     threads: 1
     resources:
-        **part(),
+        **slurm_partition(),
         mem_mb=2048,
         runtime=10,
     script:
@@ -86,23 +60,21 @@ rule mask_merge:
 
 rule mask_gallery:
     input:
-        shards=lambda wc: [f"{RESULTS}/aligned/{MASK_GALLERY_DATASET}/shard-{s}.parquet"
-                           for s in range(config["align"]["shards"])],
+        shards=shards(MASK_GALLERY_DATASET, "clean") if MASK_GALLERY_DATASET else [],
     output:
-        gallery=report(f"{RESULTS}/figures/mask_gallery.png", category="Masks",
-                       labels={"figure": "mask types x wearing styles"}),
-        cells=f"{RESULTS}/figures/mask_gallery.json",
+        gallery=report(MASK_GALLERY, category="Masks", labels={"figure": "mask types x wearing styles"}),
+        cells=MASK_GALLERY.replace(".png", ".json"),
     params:
-        cfg=mask_cfg(),
+        cfg=MASK.result_params(),
         dataset=MASK_GALLERY_DATASET,
-        code=code("mask"),
+        code=MASK_CODE,
     conda:
         "../../envs/maskface.yaml"
     log:
-        f"{LOGS}/mask/gallery.log",
+        log_path("mask", "gallery"),
     threads: 1
     resources:
-        **part(),
+        **slurm_partition(),
         mem_mb=2048,
         runtime=10,
     script:
@@ -112,18 +84,4 @@ rule mask_gallery:
 rule mask:
     """Named target: masked manifests and summaries of every dataset, and the gallery figure."""
     input:
-        expand(f"{RESULTS}/manifests/{{dataset}}/masked.parquet", dataset=DATASETS),
-        expand(f"{RESULTS}/masked/{{dataset}}/summary.json", dataset=DATASETS),
-        [f"{RESULTS}/figures/mask_gallery.png"] if MASK_GALLERY_DATASET else [],
-
-
-def _mask_targets():
-    # join `all` once a rule makes the aligned shards (output patterns carry wildcard constraints: match the
-    # fixed parts only)
-    produced = [str(o) for r in workflow.rules for o in r.output]
-    if not any(o.startswith(f"{RESULTS}/aligned/") and "/shard-" in o and o.endswith(".parquet") for o in produced):
-        return []
-    return list(rules.mask.input)
-
-
-STAGE_TARGETS["mask"] = _mask_targets
+        mask_targets(),

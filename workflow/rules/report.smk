@@ -5,31 +5,18 @@
 # Private datasets (private: true) appear through aggregate numbers only (maskface.report).
 
 
-def _report_inputs(wc):
-    inp = {"stages": []}
-    if STAGE_TARGETS["evaluate"]():
-        inp["eval_summary"] = f"{RESULTS}/eval/summary.md"
-        inp["eval_tables"] = [f"{RESULTS}/eval/{m}/{d}.md" for m in EVAL_MODELS for d in TEST_DATASETS]
-    if "train" in STAGE_TARGETS and STAGE_TARGETS["train"]() and TRAIN_LFW:
-        inp["train"] = [TRAIN_SUMMARY[1]]
-    for stage in ("aligned", "masked"):
-        if _makes(f"{RESULTS}/{stage}/", "/summary.json"):
-            inp["stages"] += [f"{RESULTS}/{stage}/{d}/summary.json" for d in DATASETS]
-    return inp
-
-
 rule report_tables:
     input:
-        unpack(_report_inputs),
+        unpack(report_inputs),
     output:
-        html=report(f"{RESULTS}/report/tables.html", category="Summary", labels={"page": "tables"}),
+        html=report(REPORT_TABLES, category="Summary", labels={"page": "tables"}),
     params:
-        private=[d for d in DATASETS if dataset_cfg(d).get("private")],
-        code=code("report"),
+        private=PRIVATE_DATASETS,
+        code=code_digest("report", "fileio"),
     conda:
         "../../envs/maskface.yaml"
     log:
-        f"{LOGS}/report/tables.log",
+        log_path("report", "tables"),
     script:
         "../scripts/report_tables.py"
 
@@ -37,7 +24,4 @@ rule report_tables:
 rule report_page:
     """Named target: the tables page (then `snakemake --report report.html`)."""
     input:
-        rules.report_tables.output.html,
-
-
-STAGE_TARGETS["report"] = [f"{RESULTS}/report/tables.html"]
+        REPORT_TABLES,
