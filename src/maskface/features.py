@@ -715,13 +715,11 @@ def usable_faces(aligned: pd.DataFrame, pairs: Optional[pd.DataFrame], log) -> p
 def read_crops(shard_paths: Iterable[str | os.PathLike], ids: Iterable[str]) -> dict[str, bytes]:
     """{image_id: PNG bytes} of the wanted ids from shard files (rows whose png is null are left out: e.g.
     faces the mask stage did not mask)."""
-    import pyarrow.parquet as pq
+    from . import shards
 
     wanted, crops = set(ids), {}
     for path in shard_paths:
-        t = pq.read_table(path, columns=["image_id", "png"]).to_pandas()
-        t = t[t["image_id"].isin(wanted) & t["png"].notna()]
-        crops.update(zip(t["image_id"], t["png"]))
+        crops.update(shards.read_crops(path, wanted))
     return crops
 
 

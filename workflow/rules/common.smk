@@ -7,7 +7,6 @@
 # set_default before this file is read), never from here.
 import json
 import re
-from pathlib import Path
 
 from snakemake.logging import logger
 
