@@ -49,6 +49,7 @@ wildcard_constraints:
     cvariant="clean|masked",
     model="|".join(re.escape(m) for m in EVAL_MODELS) or "no-model-configured",
     run="|".join(re.escape(r) for r in TRAIN_RUNS) or "no-run-configured",
+    tgroup="|".join(re.escape(g) for g in TRAIN_EVALS) or "no-group-configured",
 
 
 include: "workflow/rules/download.smk"

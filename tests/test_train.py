@@ -431,11 +431,11 @@ def test_schema_defaults_mirror_train_defaults():
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 
     def defaults(props):
-        return {k: defaults(v["properties"]) if v.get("type") == "object" else v.get("default")
+        return {k: defaults(v["properties"]) if v.get("type") == "object" and "properties" in v else v.get("default")
                 for k, v in props.items()}
 
     assert defaults(schema["properties"]["train"]["properties"]) == DEFAULTS
-    for name in ("cpu-quick.yaml", "casia.yaml", "cpu-quick-m0.yaml"):
+    for name in ("cpu-quick.yaml", "casia.yaml", "cpu-quick-m0.yaml", "finetune.yaml", "casia-finetune.yaml"):
         cfg = yaml.safe_load((REPO / "config" / name).read_text())
         assert set(cfg["train"]) <= set(DEFAULTS), name
 

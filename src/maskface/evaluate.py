@@ -624,7 +624,8 @@ def fmt_pct(x: float) -> str:
 def markdown_table(protocols: Mapping[str, Mapping[str, Any]], title: Optional[str] = None) -> str:
     """SphereFace-README style table: one row per protocol, fold 1..10 accuracies and AVE, in percent."""
     n = max((len(r["fold_accuracy"]) for r in protocols.values()), default=10)
-    head = "| protocol | " + " | ".join(str(k + 1) for k in range(n)) + " | AVE |"
+    folds = next((r["folds"] for r in protocols.values() if len(r.get("folds") or ()) == n), range(1, n + 1))
+    head = "| protocol | " + " | ".join(str(k) for k in folds) + " | AVE |"
     sep = "|---|" + "---:|" * (n + 1)
     rows = [f"| {name} | " + " | ".join(fmt_pct(a) for a in r["fold_accuracy"]) + f" | {fmt_pct(r['mean'])} |"
             for name, r in protocols.items()]
@@ -750,11 +751,14 @@ def summarize(json_paths: Iterable[str | os.PathLike]) -> str:
             ident.append((model, doc.get("run") or "", doc.get("dataset") or Path(p).stem, variant, r))
         if "protocols" not in doc:
             continue
+        # an evaluation of per-fold models that ran on some folds only says which (never filled in)
+        partial = f"folds {', '.join(map(str, doc['folds_run']))} only" if doc.get("folds_not_run") else ""
         for proto, r in doc["protocols"].items():
             if "fold_accuracy" not in r:
                 continue
             rows.append({
-                "group": doc.get("group") or model_group(model), "model": model, "run": doc.get("run") or "",
+                "group": doc.get("group") or model_group(model), "model": model,
+                "run": doc.get("run") or partial,
                 "dataset": doc.get("dataset") or Path(p).stem, "protocol": proto,
                 "settings": settings_label(doc.get("settings", {})), "mean": r["mean"], "std": r["std"],
                 "auc": r.get("auc", float("nan")),

@@ -15,12 +15,25 @@ Protocols (``train.protocol``)
         for information, never as a result.
     ``external``  train on the ``role: train`` datasets (``train.datasets``, e.g. CASIA-WebFace), one model per
         seed, evaluated on LFW's ten folds by the evaluation stage.
+    With ``train.validation: next_fold`` the people of fold ``k+1`` (fold 1 after 10) are held out of training
+    too, and fold ``k``'s threshold and mean feature come from fold ``k+1``'s pairs only: nothing that shapes
+    fold ``k``'s result was trained on (maskface.foldeval; the group's folds are then also an evaluation).
+
+Fine-tuning a pretrained network (``train.init``: ``dlib-resnet`` or a checkpoint of it)
+    The run starts from dlib's face ResNet (maskface.dlibnet) with its stem and first ``frozen_blocks`` blocks
+    frozen; their output for every chip is cached once per dataset (maskface.chipcache), so the loop runs only
+    the blocks above and the fc on 150x150 chips cut as the evaluation cuts them (masked: the mask stage's masks
+    redrawn in the photo). The stage's heads apply; ``center_features`` gives the head the batch-centred
+    features (dlib's descriptors share a large common component), ``head_init: class_means`` starts the head at
+    the class means of the initial features, ``optimizer`` / ``lr_schedule`` / ``lr_mult`` (per parameter-name
+    prefix; 0 freezes) set the schedule. model.pt is then a dlib-resnet checkpoint (maskface.features).
 
 Loop
-    SGD with momentum; Caffe parameter groups (biases at ``bias_lr_mult`` x lr and no weight decay, as
+    SGD with momentum (or AdamW); Caffe parameter groups (biases at ``bias_lr_mult`` x lr and no weight decay, as
     make_spherenet.py's ``lr_mult 2, decay_mult 0``; everything else, PReLU slopes and the head included, with
     ``weight_decay``); ``MultiStepLR`` at ``lr_steps`` (Caffe multistep: iteration ``t`` >= step uses the
-    lower rate). The network runs under bf16 autocast on CUDA (``train.amp``), the head and loss in fp32.
+    lower rate; or a half cosine to 0, ``lr_schedule: cosine``), each group's rate times its ``lr_mult``. The
+    network runs under bf16 autocast on CUDA (``train.amp``), the head and loss in fp32.
     The A-Softmax lambda of training iteration ``t`` (0-based) is ``lambda(t + 1)``. ``train_run`` is four
     steps: set up (process group, data, model), resume, the loop, finalise; the log rows are a ``LogWindow``'s.
 
@@ -73,7 +86,7 @@ from .devices import claim_gpus, describe, precision_policy, resolve_device
 from .fileio import atomic_path, read_json, write_json
 from .foldeval import evaluate_fold
 from .manifest import code_version, git_commit, sha256_file
-from .models import MarginHead, SphereNet, make_head, preprocess, save_model, sphereface_net
+from .models import MarginHead, make_head, preprocess, save_model, sphereface_net
 from .train_config import NON_SEMANTIC, merged
 from .train_data import BatchStream, StreamSampler, TrainData, build_cache, build_data
 
@@ -86,31 +99,106 @@ LOG_FIELDS = ("iteration", "loss", "accuracy", "lambda", "lr", "img_s", "masked_
 # ------------------------------------------------------------------------------------------------ model
 
 class TrainModule(nn.Module):
-    """net + head; the network under autocast, the head in fp32. One module, so DDP sees every parameter."""
+    """net + head; the network under autocast, the head in fp32. One module, so DDP sees every parameter.
+    ``center``: the head sees the features less their batch mean (``train.center_features``)."""
 
-    def __init__(self, net: SphereNet, head: MarginHead, amp_dtype: Optional[torch.dtype], compile_net: bool):
+    def __init__(self, net: nn.Module, head: MarginHead, amp_dtype: Optional[torch.dtype], compile_net: bool,
+                 center: bool = False):
         super().__init__()
         self.net, self.head = net, head
-        self.amp_dtype = amp_dtype
+        self.amp_dtype, self.center = amp_dtype, bool(center)
         object.__setattr__(self, "_net_fwd", torch.compile(net) if compile_net else net)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, iteration: int) -> torch.Tensor:
         dev = x.device.type
         if self.amp_dtype is None:
-            return self.head(self._net_fwd(x).float(), labels, iteration)
+            return self.head(self._centred(self._net_fwd(x).float()), labels, iteration)
         with torch.autocast(dev, dtype=self.amp_dtype):
             feat = self._net_fwd(x)
         with torch.autocast(dev, enabled=False):
-            return self.head(feat.float(), labels, iteration)
+            return self.head(self._centred(feat.float()), labels, iteration)
+
+    def _centred(self, feat: torch.Tensor) -> torch.Tensor:
+        return feat - feat.mean(dim=0, keepdim=True) if self.center else feat
+
+
+def lr_multiplier(name: str, lr_mult: Mapping[str, float]) -> float:
+    """``train.lr_mult`` of a parameter: the value of the longest prefix of ``name`` (at a dot) it holds, else 1."""
+    best, mult = -1, 1.0
+    for prefix, value in lr_mult.items():
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, mult = len(prefix), float(value)
+    return mult
 
 
 def param_groups(module: nn.Module, cfg: Mapping[str, Any]) -> list[dict]:
-    decay, bias = [], []
+    """Caffe's groups (weights; biases at ``bias_lr_mult`` without decay unless ``bias_decay``), split by
+    ``train.lr_mult``; a parameter at multiplier 0, or frozen already, is left out and frozen."""
+    groups: dict[tuple, list] = {}
     for name, p in module.named_parameters():
-        (bias if name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "lr": cfg["lr"], "weight_decay": cfg["weight_decay"]},
-            {"params": bias, "lr": cfg["lr"] * cfg["bias_lr_mult"],
-             "weight_decay": cfg["weight_decay"] if cfg["bias_decay"] else 0.0}]
+        mult = lr_multiplier(name, cfg["lr_mult"] or {})
+        if mult == 0 or not p.requires_grad:
+            p.requires_grad_(False)
+            continue
+        groups.setdefault((name.endswith(".bias"), -mult), []).append(p)
+    out = []
+    for (bias, neg_mult), params in sorted(groups.items()):
+        lr = cfg["lr"] * -neg_mult * (cfg["bias_lr_mult"] if bias else 1.0)
+        out.append({"params": params, "lr": lr,
+                    "weight_decay": cfg["weight_decay"] if (not bias or cfg["bias_decay"]) else 0.0})
+    return out
+
+
+def make_optimizer(module: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    groups = param_groups(module, cfg)
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg["lr"])
+    return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"])
+
+
+def make_schedule(opt: torch.optim.Optimizer, cfg: Mapping[str, Any]):
+    """``multistep`` (Caffe: iteration t >= step uses the lower rate) or ``cosine`` (half a cosine to 0 over
+    ``iterations``)."""
+    if cfg["lr_schedule"] == "cosine":
+        total = int(cfg["iterations"])
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total)))
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg["lr_steps"]), gamma=cfg["lr_gamma"])
+
+
+def build_network(cfg: Mapping[str, Any]) -> tuple[nn.Module, Optional[dict]]:
+    """(network to train, input normalisation of a pretrained chip network or None): SphereFace from scratch,
+    or with ``train.init`` the pretrained network less its frozen prefix (maskface.dlibnet.DlibResnetTop)."""
+    if cfg["init"] is None:
+        return sphereface_net(**cfg["arch"]), None
+    from .chipcache import load_init
+    from .dlibnet import DlibResnetTop
+
+    net, normalisation = load_init(cfg["init"])
+    return DlibResnetTop.from_network(net, int(cfg["frozen_blocks"])), normalisation
+
+
+@torch.no_grad()
+def head_at_class_means(head: MarginHead, net: nn.Module, data: TrainData, device: torch.device,
+                        center: bool, use_masked: bool, batch_size: int = 512) -> None:
+    """``train.head_init: class_means``: each class weight = the normalised sum of its images' normalised
+    features under the initial network (less the mean of all of them when ``center``), clean and, with
+    ``use_masked``, masked."""
+    net.eval()
+    feats, labels = [], []
+    for masked in (False, True) if use_masked else (False,):
+        idx = np.flatnonzero(data.has_masked) if masked else np.arange(len(data))
+        for s in range(0, len(idx), batch_size):
+            b = idx[s:s + batch_size]
+            x = torch.from_numpy(data.gather(b, np.full(len(b), masked))).to(device)
+            x = x.float() if data.mirrored else preprocess(x)
+            feats.append(net(x).float())
+            labels.append(torch.from_numpy(data.labels[b]).to(device))
+    f, y = torch.cat(feats), torch.cat(labels)
+    if center:
+        f = f - f.mean(dim=0, keepdim=True)
+    w = torch.zeros(data.num_classes, f.shape[1], device=device).index_add_(0, y, F.normalize(f, dim=1))
+    head.weight.copy_(F.normalize(w, dim=1).to(head.weight.dtype))
+    net.train()
 
 
 def spec_digest(spec: Mapping[str, Any]) -> str:
@@ -296,11 +384,12 @@ class Run:
     local_rank: int
     device: torch.device
     data: TrainData
-    net: SphereNet
+    net: nn.Module
     head: MarginHead
     module: TrainModule
     opt: torch.optim.Optimizer
     sched: Any
+    normalisation: Optional[dict] = None       # a pretrained chip network's input normalisation
 
     @property
     def iterations(self) -> int:
@@ -353,14 +442,19 @@ def _setup(spec: Mapping[str, Any], out_dir: str | os.PathLike, data: Optional[T
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    net = sphereface_net(**cfg["arch"])
+    net, normalisation = build_network(cfg)
     head = make_head(cfg["head"], net.feature_dim, data.num_classes)
-    module = TrainModule(net, head, amp, bool(cfg["compile"])).to(device)
+    module = TrainModule(net, head, amp, bool(cfg["compile"]), center=cfg["center_features"]).to(device)
     if cfg["channels_last"]:
         net.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(param_groups(module, cfg), lr=cfg["lr"], momentum=cfg["momentum"])
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg["lr_steps"]), gamma=cfg["lr_gamma"])
-    return Run(spec, cfg, out, digest, seed, world, rank, local_rank, device, data, net, head, module, opt, sched)
+    if cfg["head_init"] == "class_means":
+        t0 = time.time()
+        head_at_class_means(head, net, data, device, cfg["center_features"], float(cfg["mask_fraction"]) > 0)
+        log.info("head at the class means of the initial features (%.1f s)", time.time() - t0)
+    opt = make_optimizer(module, cfg)
+    sched = make_schedule(opt, cfg)
+    return Run(spec, cfg, out, digest, seed, world, rank, local_rank, device, data, net, head, module, opt, sched,
+               normalisation)
 
 
 def _resume(run: Run) -> tuple[int, list, Optional[dict]]:
@@ -404,9 +498,12 @@ def _step(run: Run, model: nn.Module, it: int, xb: torch.Tensor, yb: torch.Tenso
     """One SGD step of iteration ``it`` on a uint8 NHWC batch: (loss, logits, labels, the lr it used)."""
     x = xb.to(run.device, non_blocking=True)
     y = yb.to(run.device, non_blocking=True)
-    f = fb.to(run.device, non_blocking=True)
-    x = torch.where(f.view(-1, 1, 1, 1), x.flip(2), x)  # NHWC: dim 2 is the width
-    x = preprocess(x)
+    if run.data.mirrored:                                # frozen-prefix activations, flipped by the loader
+        x = x.float()
+    else:
+        f = fb.to(run.device, non_blocking=True)
+        x = torch.where(f.view(-1, 1, 1, 1), x.flip(2), x)  # NHWC: dim 2 is the width
+        x = preprocess(x)
     if not run.cfg["channels_last"]:
         x = x.contiguous()
     logits = model(x, y, it + 1)
@@ -458,6 +555,11 @@ def _model_meta(run: Run, rows: Sequence[Mapping[str, Any]]) -> dict:
             "datasets": [s["dataset"] for s in run.spec.get("sources", [])], "spec_digest": run.digest,
             "final_loss": rows[-1]["loss"], "final_accuracy": rows[-1]["accuracy"],
             "training_channel_order": "RGB", "training_normalisation": "(p - 127.5) / 128"}
+    if cfg["init"] is not None:
+        meta.update({k: cfg[k] for k in ("init", "frozen_blocks", "lr_mult", "optimizer", "lr_schedule",
+                                         "center_features", "head_init", "validation")})
+        meta.pop("arch")
+        meta["training_normalisation"] = f"(p - mean {run.normalisation['mean']}) / 256, dlib's 150x150 chips"
     try:
         meta["code"] = code_version("models", "train", "train_data")
         meta["git_commit"] = git_commit()
@@ -477,7 +579,12 @@ def _finalise(run: Run, rows: list, done: int) -> dict:
     if run.rank == 0:
         if not rows:
             raise RuntimeError("no log rows: iterations < 1?")
-        save_model(run.out / "model.pt", run.net, _model_meta(run, rows))
+        if run.normalisation is not None:
+            from .chipcache import save_chip_model
+
+            save_chip_model(run.out / "model.pt", run.net, run.normalisation, _model_meta(run, rows))
+        else:
+            save_model(run.out / "model.pt", run.net, _model_meta(run, rows))
         write_log_csv(rows, run.out / "train_log.csv")
         plot_curve(rows, run.out / "curve.png", title=str(run.spec.get("run", "")))
         if not run.cfg["keep_checkpoint"]:

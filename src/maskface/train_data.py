@@ -14,6 +14,11 @@ Caches (pre-decoded uint8, so decoding never runs in the training loop)
     ``train.min_images`` such images; labels = sorted ``"{dataset}/{identity}"``. Under ``lfw_unrestricted``
     the people of the held-out fold's pairs are left out (``build_data``).
 
+    A run from a pretrained chip network (``train.init``) reads the frozen-prefix caches of
+    maskface.chipcache instead: float16 activations of each chip and of its mirror image, so the flip picks a
+    row (``TrainData.mirrored``) and the step only casts them to float32. ``train.validation: next_fold``
+    leaves fold ``k+1``'s people out as well (``held_out_folds``).
+
 Sample stream
     The samples are an endless sequence of epochs; epoch ``e`` is a permutation drawn from
     ``numpy.random.default_rng([seed, e])``, together with, per sample, a uniform draw for "served masked"
@@ -93,11 +98,15 @@ def _decode_into(arr: np.ndarray, df: pd.DataFrame, i: int) -> None:
     arr[i] = img
 
 
-def open_cache(npy_path: str | os.PathLike, index_path: str | os.PathLike) -> tuple[np.ndarray, pd.DataFrame]:
+def open_cache(npy_path: str | os.PathLike, index_path: str | os.PathLike,
+               sample_shape: Optional[tuple] = CROP_SHAPE) -> tuple[np.ndarray, pd.DataFrame]:
+    """(memory-mapped array, index) of a cache; ``sample_shape``: what one row must be (None: any, e.g. the
+    frozen-prefix activations of maskface.chipcache, whose shape depends on the blocks frozen)."""
     arr = np.load(npy_path, mmap_mode="r")
     index = pd.read_parquet(index_path)
-    if arr.shape[1:] != CROP_SHAPE or len(arr) != len(index):
-        raise ValueError(f"{npy_path}: shape {arr.shape} does not match its index ({len(index)} rows) or 112x96x3")
+    if (sample_shape is not None and arr.shape[1:] != tuple(sample_shape)) or len(arr) != len(index):
+        want = "x".join(map(str, sample_shape)) if sample_shape else "its rows"
+        raise ValueError(f"{npy_path}: shape {arr.shape} does not match its index ({len(index)} rows) or {want}")
     return arr, index
 
 
@@ -132,14 +141,23 @@ def select_training(manifest: pd.DataFrame, *, statuses: Sequence[str] = ("ok",)
 
 class TrainData:
     """Training samples over one or more datasets' caches: per sample its source, clean row, masked row (-1:
-    none) and label."""
+    none) and label. ``mirrored``: the caches hold each sample and its mirror image (axis 1, as the
+    frozen-prefix activations of maskface.chipcache), so the flip picks one; else the flip is left to the
+    training step (uint8 crops)."""
 
     def __init__(self, clean: list[np.ndarray], masked: list[Optional[np.ndarray]], src: np.ndarray,
-                 clean_row: np.ndarray, masked_row: np.ndarray, labels: np.ndarray, classes: list[str]):
+                 clean_row: np.ndarray, masked_row: np.ndarray, labels: np.ndarray, classes: list[str],
+                 mirrored: bool = False):
         self.clean, self.masked = clean, masked
         self.src, self.clean_row, self.masked_row = src, clean_row, masked_row
         self.labels, self.classes = labels, classes
         self.has_masked = masked_row >= 0
+        self.mirrored = bool(mirrored)
+        self.sample_shape = tuple(clean[0].shape[2:] if self.mirrored else clean[0].shape[1:])
+        self.dtype = clean[0].dtype
+        for arr in [*clean, *(m for m in masked if m is not None)]:
+            if arr.shape[1 + self.mirrored:] != self.sample_shape or arr.dtype != self.dtype:
+                raise ValueError(f"caches disagree: {arr.shape} {arr.dtype} vs {self.sample_shape} {self.dtype}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -151,23 +169,25 @@ class TrainData:
     @classmethod
     def from_sources(cls, sources: Sequence[Mapping[str, Any]], *, statuses: Sequence[str] = ("ok",),
                      min_images: int = 1, exclude: Optional[Mapping[str, Iterable[str]]] = None,
-                     need_masked: bool = False) -> "TrainData":
+                     need_masked: bool = False, mirrored: bool = False) -> "TrainData":
         """``sources``: dicts with ``dataset``, ``manifest`` (aligned manifest path or DataFrame), ``clean``
-        (npy, index) and optional ``masked`` (npy, index). ``exclude``: {dataset: identities to leave out}."""
+        (npy, index) and optional ``masked`` (npy, index): 112x96 crop caches, or with ``mirrored`` caches of
+        (sample, mirror image) pairs of any shape. ``exclude``: {dataset: identities to leave out}."""
+        shape = None if mirrored else CROP_SHAPE
         clean, masked, parts = [], [], []
         for s_i, src in enumerate(sources):
             man = src["manifest"]
             man = pd.read_parquet(man, columns=["image_id", "identity", "status"]) if not isinstance(man, pd.DataFrame) else man
             sel = select_training(man, statuses=statuses, min_images=min_images,
                                   exclude_identities=(exclude or {}).get(src["dataset"], ()))
-            c_arr, c_idx = open_cache(*src["clean"])
+            c_arr, c_idx = open_cache(*src["clean"], sample_shape=shape)
             crow = sel["image_id"].map(dict(zip(c_idx["image_id"], c_idx["row"])))
             if crow.isna().any():
                 raise ValueError(f"{src['dataset']}: {int(crow.isna().sum())} training images have no crop in the "
                                  f"clean cache, e.g. {sel['image_id'][crow.isna()].iloc[0]!r}")
             m_arr, mrow = None, np.full(len(sel), -1, dtype=np.int64)
             if src.get("masked"):
-                m_arr, m_idx = open_cache(*src["masked"])
+                m_arr, m_idx = open_cache(*src["masked"], sample_shape=shape)
                 mrow = sel["image_id"].map(dict(zip(m_idx["image_id"], m_idx["row"]))).fillna(-1).to_numpy(np.int64)
             elif need_masked:
                 raise ValueError(f"{src['dataset']}: mask_fraction > 0 needs the masked crops (no masked cache)")
@@ -179,27 +199,27 @@ class TrainData:
         classes = sorted(df["cls"].unique().tolist())
         label = df["cls"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
         return cls(clean, masked, df["src"].to_numpy(np.int16), df["clean_row"].to_numpy(np.int64),
-                   df["masked_row"].to_numpy(np.int64), label, classes)
+                   df["masked_row"].to_numpy(np.int64), label, classes, mirrored=mirrored)
 
-    def gather(self, idx: np.ndarray, use_masked: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
-        """uint8 (len(idx), 112, 96, 3) RGB crops (into ``out`` if given); ``use_masked`` picks the masked
-        crop of a sample."""
+    def gather(self, idx: np.ndarray, use_masked: np.ndarray, flip: Optional[np.ndarray] = None,
+               out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The samples ``idx`` (into ``out`` if given): uint8 (n, 112, 96, 3) RGB crops, or for ``mirrored``
+        caches each sample's plain or mirrored row as ``flip`` says. ``use_masked`` picks the masked one."""
         if out is None:
-            out = np.empty((len(idx),) + CROP_SHAPE, dtype=np.uint8)
+            out = np.empty((len(idx),) + self.sample_shape, dtype=self.dtype)
+        flip = np.zeros(len(idx), bool) if flip is None else np.asarray(flip, bool)
         src = self.src[idx]
         for s in np.unique(src):
             sel = src == s
-            m = sel & use_masked
-            c = sel & ~use_masked
-            if c.any():
-                rows = self.clean_row[idx[c]]
+            for take, arrays, row_of in ((sel & ~use_masked, self.clean, self.clean_row),
+                                         (sel & use_masked, self.masked, self.masked_row)):
+                if not take.any():
+                    continue
+                rows = row_of[idx[take]]
                 order = np.argsort(rows, kind="stable")  # sorted reads are kinder to a memory map
-                tmp = self.clean[s][rows[order]]
-                out[np.flatnonzero(c)[order]] = tmp
-            if m.any():
-                rows = self.masked_row[idx[m]]
-                order = np.argsort(rows, kind="stable")
-                out[np.flatnonzero(m)[order]] = self.masked[s][rows[order]]
+                arr = arrays[s]
+                part = arr[rows[order], flip[take][order].astype(np.int64)] if self.mirrored else arr[rows[order]]
+                out[np.flatnonzero(take)[order]] = part
         return out
 
 
@@ -260,14 +280,16 @@ class BatchStream:
         with self._lock:
             idx, msk, flp = self.sampler.take(pos, self.b)
         if self.pin:
-            x = torch.empty((self.b,) + CROP_SHAPE, dtype=torch.uint8, pin_memory=True)
-            self.data.gather(idx, msk, out=x.numpy())
-            y = torch.from_numpy(self.data.labels[idx]).pin_memory()
-            f = torch.from_numpy(flp).pin_memory()
+            x = torch.from_numpy(np.empty((0,), self.data.dtype))
+            x = torch.empty((self.b,) + self.data.sample_shape, dtype=x.dtype, pin_memory=True)
+            self.data.gather(idx, msk, flp, out=x.numpy())
         else:
-            x = torch.from_numpy(self.data.gather(idx, msk))
-            y = torch.from_numpy(self.data.labels[idx])
-            f = torch.from_numpy(flp)
+            x = torch.from_numpy(self.data.gather(idx, msk, flp))
+        y = torch.from_numpy(self.data.labels[idx])
+        # mirrored caches have served the flipped samples already; for crops the step flips them
+        f = torch.from_numpy(np.zeros_like(flp) if self.data.mirrored else flp)
+        if self.pin:
+            y, f = y.pin_memory(), f.pin_memory()
         return it, x, y, f, int(msk.sum())
 
     def __iter__(self):
@@ -291,16 +313,37 @@ class BatchStream:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def validation_fold(pairs: pd.DataFrame, fold: int) -> int:
+    """The fold after ``fold`` in pairs.txt's order (the first after the last): ``train.validation:
+    next_fold`` holds its people out of training and picks fold ``fold``'s threshold on its pairs."""
+    folds = sorted(int(f) for f in pairs["fold"].unique())
+    if int(fold) not in folds or len(folds) < 2:
+        raise ValueError(f"fold {fold}: pairs have folds {folds}; a validation fold needs another one")
+    return folds[(folds.index(int(fold)) + 1) % len(folds)]
+
+
+def held_out_folds(spec: Mapping[str, Any], pairs: pd.DataFrame) -> list[int]:
+    """The folds whose people a run never trains on: its test fold, and its validation fold under
+    ``train.validation: next_fold``."""
+    if spec.get("exclude_fold") is None:
+        return []
+    fold = int(spec["exclude_fold"])
+    if merged(spec.get("train"))["validation"] == "next_fold":
+        return [fold, validation_fold(pairs, fold)]
+    return [fold]
+
+
 def build_data(spec: Mapping[str, Any]) -> TrainData:
-    """The training images of a run's spec: its sources, less the held-out fold's people (``exclude_fold``), with
-    the masked crops only when ``mask_fraction`` > 0."""
+    """The training images of a run's spec: its sources, less the held-out folds' people (``held_out_folds``),
+    with the masked crops only when ``mask_fraction`` > 0. A run from a pretrained chip network
+    (``train.init``) reads the frozen-prefix caches (mirrored)."""
     cfg = merged(spec.get("train"))
     exclude = {}
     if spec.get("exclude_fold") is not None:
         pairs = pd.read_parquet(spec["pairs"]) if not isinstance(spec["pairs"], pd.DataFrame) else spec["pairs"]
-        people = fold_identities(pairs, int(spec["exclude_fold"]))
+        people = set().union(*(fold_identities(pairs, k) for k in held_out_folds(spec, pairs)))
         exclude = {s["dataset"]: people for s in spec["sources"]}
     need_masked = float(cfg["mask_fraction"]) > 0
     sources = [dict(s, masked=s.get("masked") if need_masked else None) for s in spec["sources"]]
     return TrainData.from_sources(sources, statuses=cfg["statuses"], min_images=cfg["min_images"],
-                                  exclude=exclude, need_masked=need_masked)
+                                  exclude=exclude, need_masked=need_masked, mirrored=cfg["init"] is not None)

@@ -94,11 +94,23 @@ if TRAIN_LFW:
     TRAIN_ON = [_lfw] if _lfw else []
 else:
     TRAIN_ON = list(TRAIN["datasets"]) or list(TRAIN_DATASETS)
+# train.init: fine-tuning a pretrained chip network (dlib's ResNet) on 150x150 chips and its frozen prefix
+TRAIN_CHIPS = TRAIN["init"] is not None
+# train.validation next_fold: each group's per-fold models are also an evaluation, results/eval/{name}/ (one
+# per seed: {group}-run{seed} when there are several seeds, averaged in the summary)
+TRAIN_EVALS = {}
+if TRAIN_LFW and TRAIN["validation"] == "next_fold" and TRAIN_ON:
+    for _r, _v in TRAIN_RUNS.items():
+        _name = _v["group"] if len(TRAIN["seeds"]) == 1 else f"{_v['group']}-run{_v['seed']}"
+        TRAIN_EVALS.setdefault(_name, []).append(_r)
 
 # Evaluation: every configured model on every test dataset.
 EVAL = config["evaluate"]
 EVAL_MODELS = sorted(EVAL["models"])
 DEMO = config["demo"]
+if set(TRAIN_EVALS) & set(EVAL_MODELS):
+    raise WorkflowError(f"evaluate.models {sorted(set(TRAIN_EVALS) & set(EVAL_MODELS))}: the name of a training "
+                        f"group's evaluation (results/eval/<name>/, train.validation: next_fold); rename the model")
 
 
 def model_cfg(model):
@@ -166,6 +178,28 @@ def train_cache(dataset="{dataset}", variant="{cvariant}"):
     return [f"{RESULTS}/train_cache/{dataset}/{variant}.npy", f"{RESULTS}/train_cache/{dataset}/{variant}.parquet"]
 
 
+def chip_cache(dataset="{dataset}", variant="{cvariant}"):
+    """150x150 chips of a dataset cut as the evaluation cuts them (train.init): [array .npy, index .parquet]."""
+    return [f"{RESULTS}/train_cache/{dataset}/chips-{variant}.npy",
+            f"{RESULTS}/train_cache/{dataset}/chips-{variant}.parquet"]
+
+
+def prefix_cache(dataset="{dataset}", variant="{cvariant}"):
+    """The frozen part's activations of a dataset's chips, plain and mirrored: [array .npy, index .parquet]."""
+    return [f"{RESULTS}/train_cache/{dataset}/prefix-{variant}.npy",
+            f"{RESULTS}/train_cache/{dataset}/prefix-{variant}.parquet"]
+
+
+def run_cache(dataset, variant):
+    """What a training run reads: the frozen-prefix activations (train.init) or the 112x96 crops."""
+    return prefix_cache(dataset, variant) if TRAIN_CHIPS else train_cache(dataset, variant)
+
+
+def eval_cache(dataset, variant):
+    """What a run's fold evaluation reads: the chips (train.init) or the 112x96 crops."""
+    return chip_cache(dataset, variant) if TRAIN_CHIPS else train_cache(dataset, variant)
+
+
 def model_dir(run="{run}"):
     return f"{RESULTS}/models/{run}"
 
@@ -225,14 +259,19 @@ def train_targets():
         return []
     out = [f"{model_dir(r)}/model.pt" for r in TRAIN_RUNS]
     if TRAIN_LFW:
-        out += [fold_eval(r) for r in TRAIN_RUNS] + train_summary()
+        out += [fold_eval(r) for r in TRAIN_RUNS] + train_summary() + train_evaluations()
     return out
 
 
+def train_evaluations(ext="json"):
+    """results/eval/{name}/{lfw}.json of the training groups' per-fold models (train.validation: next_fold)."""
+    return [evaluation(name, TRAIN_ON[0], ext) for name in TRAIN_EVALS]
+
+
 def evaluate_targets():
-    if not EVAL_MODELS:
+    if not EVAL_MODELS and not TRAIN_EVALS:
         return []
-    return [evaluation(m, d) for m in EVAL_MODELS for d in TEST_DATASETS] + [EVAL_SUMMARY]
+    return [evaluation(m, d) for m in EVAL_MODELS for d in TEST_DATASETS] + train_evaluations() + [EVAL_SUMMARY]
 
 
 def final_targets(wildcards=None):
@@ -287,9 +326,11 @@ def train_inputs(wc):
     refuse_long_cpu_training()
     run = TRAIN_RUNS[wc.run]
     inp = {"manifests": [aligned_manifest(d) for d in TRAIN_ON],
-           "clean": [p for d in TRAIN_ON for p in train_cache(d, "clean")]}
+           "clean": [p for d in TRAIN_ON for p in run_cache(d, "clean")]}
     if run["mask_fraction"] > 0:      # a run without masks does not depend on the mask stage
-        inp["masked"] = [p for d in TRAIN_ON for p in train_cache(d, "masked")]
+        inp["masked"] = [p for d in TRAIN_ON for p in run_cache(d, "masked")]
+    if TRAIN_CHIPS and TRAIN["init"] != "dlib-resnet":
+        inp["init"] = TRAIN["init"]
     if TRAIN_LFW:
         inp["pairs"] = pairs_manifest(TRAIN_ON[0])
     return inp
@@ -299,9 +340,9 @@ def train_spec(wc):
     run = TRAIN_RUNS[wc.run]
     sources = []
     for d in TRAIN_ON:
-        src = {"dataset": d, "manifest": aligned_manifest(d), "clean": train_cache(d, "clean")}
+        src = {"dataset": d, "manifest": aligned_manifest(d), "clean": run_cache(d, "clean")}
         if run["mask_fraction"] > 0:
-            src["masked"] = train_cache(d, "masked")
+            src["masked"] = run_cache(d, "masked")
         sources.append(src)
     spec = {"run": wc.run, "protocol": TRAIN["protocol"], "fold": run["fold"], "seed": run["seed"],
             "exclude_fold": run["fold"] if TRAIN_LFW else None,
@@ -336,9 +377,9 @@ def refuse_long_cpu_training():
 
 def fold_eval_inputs(wc):
     d = TRAIN_ON[0]
-    inp = {"model": f"{model_dir(wc.run)}/model.pt", "pairs": pairs_manifest(d), "clean": train_cache(d, "clean")}
+    inp = {"model": f"{model_dir(wc.run)}/model.pt", "pairs": pairs_manifest(d), "clean": eval_cache(d, "clean")}
     if TRAIN["eval_masked"]:
-        inp["masked"] = train_cache(d, "masked")
+        inp["masked"] = eval_cache(d, "masked")
     return inp
 
 
@@ -387,9 +428,10 @@ def evaluate_inputs(wc):
 
 def report_inputs(wc):
     inp = {"stages": [stage_summary(s, d) for s in ("aligned", "masked") for d in DATASETS]}
-    if EVAL_MODELS:
+    if EVAL_MODELS or TRAIN_EVALS:
         inp["eval_summary"] = EVAL_SUMMARY
-        inp["eval_tables"] = [evaluation(m, d, "md") for m in EVAL_MODELS for d in TEST_DATASETS]
+        inp["eval_tables"] = ([evaluation(m, d, "md") for m in EVAL_MODELS for d in TEST_DATASETS]
+                              + train_evaluations("md"))
     if TRAIN_LFW and train_targets():
         inp["train"] = [train_summary()[1]]
     return inp

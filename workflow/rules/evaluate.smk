@@ -65,7 +65,8 @@ rule evaluate_model:
 
 rule eval_summary:
     input:
-        json=[evaluation(m, d) for m in EVAL_MODELS for d in TEST_DATASETS],
+        # the evaluated models, and the training groups' per-fold models (train.validation: next_fold)
+        json=[evaluation(m, d) for m in EVAL_MODELS for d in TEST_DATASETS] + train_evaluations(),
     output:
         md=EVAL_SUMMARY,
     params:

@@ -5,7 +5,13 @@
 #   results/models/{name}.summary.json / .md                 lfw_unrestricted: mean +- std over folds and seeds
 # Runs: lfw_unrestricted -> {name}-fold{k}-seed{s}[-m{fraction}]; external -> {name}-seed{s} (evaluate those with
 # the evaluation stage: evaluate.models.<run> = {embedder: sphereface, checkpoint: results/models/<run>/model.pt}).
-TRAIN_CODE = code_digest("models", "train", "train_data", "train_config", "devices", "imageio", "manifest", "fileio")
+#   results/train_cache/{dataset}/chips-{cvariant}.npy|.parquet  train.init: 150x150 chips cut as the evaluation cuts them
+#   results/train_cache/{dataset}/prefix-{cvariant}.npy|.parquet train.init: the frozen blocks' output, plain + mirrored
+#   results/eval/{group}/{dataset}.json / .md / _roc.png          train.validation next_fold: the per-fold models as
+#                                                                 an evaluation, beside the evaluated models
+CHIP_CODE = ("chipcache", "dlibnet", "features")
+TRAIN_CODE = code_digest("models", "train", "train_data", "train_config", "devices", "imageio", "manifest", "fileio",
+                         *(CHIP_CODE if TRAIN_CHIPS else ()))
 
 
 envvars:
@@ -33,6 +39,60 @@ rule train_cache:
         runtime=240,
     script:
         "../scripts/train_cache.py"
+
+
+rule chip_cache:
+    input:
+        json=dataset_json(),
+        aligned=aligned_manifest(),
+        masked=lambda wc: masked_manifest(wc.dataset) if wc.cvariant == "masked" else [],
+    output:
+        npy=chip_cache()[0],
+        index=chip_cache()[1],
+    params:
+        # masked chips carry the mask stage's masks, redrawn: they depend on its settings and code
+        mask=lambda wc: MASK.result_params() if wc.cvariant == "masked" else None,
+        code=lambda wc: code_digest(*CHIP_CODE, "workers", "manifest", "fileio") + (MASK_CODE if wc.cvariant == "masked" else ""),
+    conda:
+        "../../envs/maskface.yaml"
+    log:
+        log_path("chip_cache", "{dataset}", "{cvariant}"),
+    benchmark:
+        bench_path("chip_cache", "{dataset}", "{cvariant}")
+    threads: max(2, TRAIN["threads"])
+    resources:
+        **slurm_partition(),
+        mem_mb=4096,
+        runtime=240,
+    script:
+        "../scripts/chip_cache.py"
+
+
+rule prefix_cache:
+    input:
+        chips=chip_cache(),
+        init=TRAIN["init"] if TRAIN_CHIPS and TRAIN["init"] != "dlib-resnet" else [],
+    output:
+        npy=prefix_cache()[0],
+        index=prefix_cache()[1],
+    params:
+        init=TRAIN["init"],
+        frozen_blocks=TRAIN["frozen_blocks"],
+        device=TRAIN["device"],
+        code=code_digest("chipcache", "dlibnet", "features", "devices", "manifest", "fileio"),
+    conda:
+        "../../envs/maskface.yaml"
+    log:
+        log_path("prefix_cache", "{dataset}", "{cvariant}"),
+    benchmark:
+        bench_path("prefix_cache", "{dataset}", "{cvariant}")
+    threads: TRAIN["threads"]
+    resources:
+        **gpu_resources(TRAIN["device"]),
+        mem_mb=4096,
+        runtime=240,
+    script:
+        "../scripts/prefix_cache.py"
 
 
 rule train:
@@ -71,9 +131,11 @@ rule train_fold_eval:
         json=fold_eval(),
     params:
         fold=lambda wc: TRAIN_RUNS[wc.run]["fold"],
+        validation=TRAIN["validation"],
         device=TRAIN["device"],
         batch_size=TRAIN["eval_batch_size"],
-        code=code_digest("models", "foldeval", "train_data", "train_config", "evaluate", "devices", "fileio"),
+        code=code_digest("models", "foldeval", "train_data", "train_config", "evaluate", "devices", "fileio",
+                         *(CHIP_CODE if TRAIN_CHIPS else ())),
     conda:
         "../../envs/maskface.yaml"
     log:
@@ -103,6 +165,27 @@ rule train_summary:
         log_path("train_summary", TRAIN["name"]),
     script:
         "../scripts/train_summary.py"
+
+
+rule train_lfw_eval:
+    """The per-fold models of a group (train.validation: next_fold) as one evaluation in the evaluation stage's
+    format; folds not run are listed as such."""
+    input:
+        json=lambda wc: [fold_eval(r) for r in TRAIN_EVALS[wc.tgroup]],
+        pairs=pairs_manifest(),
+    output:
+        json=evaluation("{tgroup}"),
+        md=evaluation("{tgroup}", ext="md"),
+        png=report(evaluation("{tgroup}", ext="png"), category="Evaluation", subcategory="{dataset}",
+                   labels={"model": "{tgroup}", "dataset": "{dataset}", "figure": "ROC"}),
+    params:
+        code=code_digest("foldeval", "evaluate", "fileio"),
+    conda:
+        "../../envs/maskface.yaml"
+    log:
+        log_path("train_lfw_eval", "{tgroup}", "{dataset}"),
+    script:
+        "../scripts/train_lfw_eval.py"
 
 
 rule train_all:

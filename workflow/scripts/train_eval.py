@@ -5,13 +5,16 @@ import pandas as pd
 from maskface.fileio import write_json
 from maskface.foldeval import evaluate_fold
 from maskface.smk import logged
+from maskface.train_data import validation_fold
 
 with logged(snakemake) as log:
     pairs = pd.read_parquet(snakemake.input.pairs)
     masked = tuple(snakemake.input.masked) if "masked" in snakemake.input.keys() else None
-    res = evaluate_fold(snakemake.input.model, pairs, int(snakemake.params.fold), tuple(snakemake.input.clean), masked,
+    fold = int(snakemake.params.fold)
+    validation = validation_fold(pairs, fold) if snakemake.params.validation == "next_fold" else None
+    res = evaluate_fold(snakemake.input.model, pairs, fold, tuple(snakemake.input.clean), masked,
                         device=snakemake.params.device, batch_size=snakemake.params.batch_size,
-                        threads=snakemake.threads)
+                        threads=snakemake.threads, validation=validation)
     for name, p in res["protocols"].items():
         log.info("fold %d %s: %.2f%% (threshold %.4f, %d missing)", res["fold"], name, 100 * p["accuracy"],
                  p["threshold"], p["n_missing"])

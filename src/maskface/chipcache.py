@@ -1,0 +1,166 @@
+"""Training inputs of a chip network (dlib's face ResNet and its fine-tunes, ``train.init``): the 150x150 chips
+of a dataset cut once, exactly as the evaluation cuts them, and the activations of the network's frozen part.
+The training that reads them is maskface.train (data: maskface.train_data); the fold evaluation
+(maskface.foldeval) reads the chips.
+
+Chips (``build_chip_cache``)
+    ``results/train_cache/{dataset}/chips-{variant}.npy``: (N, 150, 150, 3) uint8 RGB, and ``.parquet``
+    mapping image_id to row. Every image of the aligned manifest with a crop or a box, cut by the evaluation's
+    own code (maskface.features: the stage-1 MTCNN box mapped to dlib's convention, dlib's 5 landmarks in it,
+    ``get_face_chip(150, 0.25)``; no detection: the centred fallback box). ``masked``: the same photo with
+    the mask stage's mask redrawn in it first (``MaskedSourceLoader``), as the evaluation's masked variant; an
+    image the mask stage skipped has no masked chip. Chips are cut in worker processes.
+
+Frozen prefix (``build_prefix_cache``)
+    ``results/train_cache/{dataset}/prefix-{variant}.npy``: (N, 2, C, H, W) float16, the output of the stem
+    and the first ``train.frozen_blocks`` residual blocks for each chip and for its mirror image (index 1), so
+    the random flip of training picks a row instead of running the frozen layers again.
+
+``load_init`` reads the network ``train.init`` names (``dlib-resnet`` or a maskface-embedder checkpoint of it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+from .fileio import atomic_path
+from .manifest import write_parquet
+
+CHIP_SHAPE = (150, 150, 3)
+CHIP_INPUT_KIND = "source_chip"
+log = logging.getLogger("maskface.chipcache")
+
+
+# ------------------------------------------------------------------------------------------ the network
+
+def load_init(init: str, device: str = "cpu"):
+    """(DlibResnet in eval mode, its input normalisation {"mean", "std"}) of ``train.init``: ``dlib-resnet``
+    (dlib's model file) or a maskface-embedder checkpoint of that network."""
+    import torch
+
+    from .dlibnet import DlibResnet
+    from .features import load_checkpoint
+
+    if init == "dlib-resnet":
+        net = DlibResnet.from_dlib_file().to(device)
+        return net, {"mean": [float(v) for v in net.input_mean], "std": [256.0] * 3}
+    if not os.path.exists(init):
+        raise FileNotFoundError(f"train.init: {init!r} is neither dlib-resnet nor an existing checkpoint file")
+    net, meta = load_checkpoint(init, device)
+    inp = meta["input"]
+    if not isinstance(net, DlibResnet) or (int(inp["height"]), int(inp["width"])) != CHIP_SHAPE[:2]:
+        raise ValueError(f"train.init: {init} is not a checkpoint of dlib's 150x150 chip network "
+                         f"(arch {type(net).__name__}, input {inp['height']}x{inp['width']}); a SphereFace model "
+                         f"cannot start a chip run")
+    if inp["channel_order"] != "RGB":
+        raise ValueError(f"train.init: {init}: channel order {inp['channel_order']}, expected RGB")
+    with torch.no_grad():
+        net.input_mean.copy_(torch.tensor(inp["mean"], dtype=torch.float32))
+    if any(abs(s - 256.0) > 0 for s in inp["std"]):
+        raise ValueError(f"train.init: {init}: input std {inp['std']}, dlib's network divides by 256")
+    return net, {"mean": [float(v) for v in inp["mean"]], "std": [float(v) for v in inp["std"]]}
+
+
+def save_chip_model(path: str | os.PathLike, net, normalisation: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """A trained chip network as a maskface-embedder checkpoint (what ``embedder: dlib-resnet`` with a
+    ``checkpoint`` loads): the whole network, dlib's chip input, scored by cosine with mean subtraction."""
+    from .dlibnet import DlibResnet
+    from .features import save_checkpoint
+
+    full = DlibResnet()
+    full.load_state_dict(net.state_dict())
+    save_checkpoint(path, full, arch="maskface.dlibnet:DlibResnet", feature_dim=128,
+                    input={"kind": CHIP_INPUT_KIND, "height": 150, "width": 150, "channel_order": "RGB",
+                           "mean": list(normalisation["mean"]), "std": list(normalisation["std"]),
+                           "chip": {"landmarks": "dlib shape_predictor_5", "size": 150, "padding": 0.25}},
+                    template="dlib_chip_150_padding_0.25", eval={"mean_subtraction": True, "metric": "cosine"},
+                    meta=dict(meta))
+
+
+# ---------------------------------------------------------------------------------------------- chips
+
+def open_chips(npy_path: str | os.PathLike, index_path: str | os.PathLike) -> tuple[np.ndarray, pd.DataFrame]:
+    arr = np.load(npy_path, mmap_mode="r")
+    index = pd.read_parquet(index_path)
+    if arr.shape[1:] != CHIP_SHAPE or len(arr) != len(index):
+        raise ValueError(f"{npy_path}: shape {arr.shape} does not match its index ({len(index)} rows) or 150x150x3")
+    return arr, index
+
+
+def build_chip_cache(npy_path: str | os.PathLike, index_path: str | os.PathLike, *, images_root: str,
+                     aligned: str | os.PathLike, variant: str, masked: Optional[str | os.PathLike] = None,
+                     mask_settings: Optional[Mapping[str, Any]] = None, workers: int = 1, chunk: int = 128,
+                     prov: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
+    """Cut every usable image's chip (see the module docstring) into ``npy_path`` + ``index_path`` (image_id,
+    identity, status, face: the box it was cut in, row)."""
+    from .features import (ChipCutter, _chip_worker_chunk, _chip_worker_init, face_loader, usable_faces)
+    from .workers import chunked, imap
+
+    table = pd.read_parquet(aligned, columns=["image_id", "identity", "status", "bbox", "transform"])
+    usable = usable_faces(table, None, log)
+    cutter = ChipCutter()
+    masked_rows = None
+    if variant == "masked":
+        masked_rows = pd.read_parquet(masked, columns=[
+            "image_id", "status", "mask_type", "mask_color", "mask_texture", "wear", "landmarks68"])
+    ids, load = face_loader(cutter, variant, usable, log, images_root=images_root, masked=masked_rows,
+                            mask_settings=mask_settings)
+    chunks = chunked(ids, chunk)
+    faces = []
+    with atomic_path(npy_path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids),) + CHIP_SHAPE)
+        if workers > 1 and len(chunks) > 1:
+            results = imap(_chip_worker_chunk, chunks, workers, initializer=_chip_worker_init,
+                           initargs=(cutter.cutter_settings(), load), what=f"chips ({variant})")
+        else:
+            results = ((cutter.chips(items), [cutter.face_source(f) for f in items])
+                       for items in ([load(i) for i in c] for c in chunks))
+        for chips, src in results:
+            arr[len(faces):len(faces) + len(src)] = chips
+            faces.extend(src)
+            if len(faces) % (20 * chunk) < chunk or len(faces) == len(ids):
+                log.info("%s chips: %d/%d", variant, len(faces), len(ids))
+        arr.flush()
+        del arr
+    ident = dict(zip(usable["image_id"], usable["identity"].astype(str)))
+    status = dict(zip(usable["image_id"], usable["status"].astype(str)))
+    index = pd.DataFrame({"image_id": ids, "identity": [ident[i] for i in ids], "status": [status[i] for i in ids],
+                          "face": faces, "row": np.arange(len(ids), dtype=np.int64)})
+    write_parquet(index, index_path, {**(prov or {}), "cutter": cutter.cutter_settings()} if prov else None)
+    return index
+
+
+# ------------------------------------------------------------------------------------- frozen prefix
+
+def build_prefix_cache(chips: tuple[str, str], npy_path: str | os.PathLike, index_path: str | os.PathLike, *,
+                       init: str, frozen_blocks: int, device: str = "auto", batch_size: int = 64,
+                       threads: int = 2, prov: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
+    """The frozen part's activations (module docstring) of every chip in ``chips`` (npy, index)."""
+    import torch
+
+    from .devices import precision_policy, resolve_device
+
+    torch.set_num_threads(max(1, int(threads)))
+    dev = torch.device(resolve_device(device, "train.device"))
+    precision_policy(dev)
+    net, _ = load_init(init, str(dev))
+    arr, index = open_chips(*chips)
+    shape = net.prefix_shape(int(frozen_blocks))
+    with atomic_path(npy_path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(arr), 2) + shape)
+        with torch.inference_mode():
+            for s in range(0, len(arr), batch_size):
+                c = np.asarray(arr[s:s + batch_size])
+                for m, batch in enumerate((c, np.ascontiguousarray(c[:, :, ::-1]))):
+                    h = net.prefix(net.to_input(batch).to(dev), int(frozen_blocks))
+                    out[s:s + len(c), m] = h.half().cpu().numpy()
+                if (s // batch_size) % 40 == 0:
+                    log.info("prefix (%d blocks): %d/%d", frozen_blocks, s + len(c), len(arr))
+        out.flush()
+        del out
+    write_parquet(index, index_path, prov)
+    return index
