@@ -2,7 +2,14 @@
 open-set rates (DIR / FAR, clean and masked probes) at the threshold.
 
     python benchmarks/bench_demo.py [--seconds 30] [--threshold T] [--out results/benchmarks/demo_bench]
-        [--embedders dlib-resnet,dlib]
+        [--embedders dlib-resnet,dlib] [--video-folds 1 --calibrate-folds 2]
+
+A trained model joins as NAME=CHECKPOINT (a dlib-resnet checkpoint, e.g. a fine-tune of train.init):
+``--embedders dlib-resnet,dlib-ft-m50=results/models/dlib-ft-m50-fold1-seed1/model.pt``. A model trained on LFW
+people must not meet them in the video: ``--video-folds`` draws the video's people from those folds of pairs.txt
+only, and ``--calibrate-folds`` measures each embedder's threshold at LFW FAR ``--far`` (calibrate_on_lfw, 400
+people, one photograph each) on those folds' people only (for the fold-1 model of config/finetune.yaml:
+video fold 1, calibration fold 2; neither was trained on).
 
 The video is built from real LFW (MASKFACE_LFW or ../shared/data/lfw) under --out (results/ is git-ignored).
 Each embedder of --embedders runs the demo on the same video, one after the other in this run (the reference
@@ -18,6 +25,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +35,7 @@ import pandas as pd  # noqa: E402
 
 from maskface import demo as D  # noqa: E402
 from maskface.evaluate import metrics_markdown, open_set_metrics  # noqa: E402
+from maskface.features import embedder_from_model  # noqa: E402
 from maskface.fileio import read_json, write_json  # noqa: E402
 from maskface.testvideo import build_test_video  # noqa: E402
 
@@ -48,9 +57,15 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--reuse", action="store_true", help="reuse a video already built under --out")
-    ap.add_argument("--embedders", default="dlib-resnet,dlib", help="comma-separated (default dlib-resnet,dlib)")
+    ap.add_argument("--embedders", default="dlib-resnet,dlib",
+                    help="comma-separated names, or NAME=CHECKPOINT for a dlib-resnet checkpoint")
+    ap.add_argument("--video-folds", default=None, help="the video's people: those of these folds of pairs.txt")
+    ap.add_argument("--calibrate-folds", default=None,
+                    help="threshold per embedder at --far on the people of these folds (calibrate_on_lfw)")
+    ap.add_argument("--far", type=float, default=1e-3)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("bench_demo")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -60,16 +75,30 @@ def main() -> int:
     if args.reuse and (tv / "spec.json").exists():
         doc = read_json(tv / "spec.json")
     else:
-        doc = build_test_video(Path(args.lfw) / "images_deepfunneled", tv, dict(
+        doc = build_test_video(_people_subset(args, args.video_folds, out / "video_people"), tv, dict(
             seconds=args.seconds, fps=args.fps, width=args.width, height=args.height, n_known=args.n_known,
             n_unknown=args.n_unknown, appearance_s=args.appearance_s, masked_fraction=args.masked, seed=args.seed))
     t_build = time.perf_counter() - t0
     cfg = D.DemoConfig(threshold=args.threshold, batch_size=args.batch_size)
     rows = []
-    for name in [e.strip() for e in args.embedders.split(",") if e.strip()]:
+    for item in [e.strip() for e in args.embedders.split(",") if e.strip()]:
+        name, _, checkpoint = item.partition("=")
+        model = {"embedder": "dlib-resnet", "checkpoint": checkpoint} if checkpoint else {"embedder": name}
         run = out / name
-        summary = D.run_demo(tv / "video.mp4", tv / "gallery", run / "run", cfg, model={"embedder": name},
-                             progress=False)
+        source = None
+        if args.calibrate_folds:
+            embedder = embedder_from_model(model, "auto")
+            cal = D.calibrate_on_lfw(Path(args.lfw) / "images_deepfunneled", D.make_detector(cfg), embedder,
+                                     args.far, exclude=_fold_people(args, None, exclude=args.calibrate_folds),
+                                     progress=False)
+            source = {"kind": "calibrate_on_lfw", "folds": args.calibrate_folds, **cal}
+            cfg_run = replace(cfg, threshold=cal["threshold"])
+            log.info("%s: threshold %.4f at FAR %g on folds %s (%d people, TAR %.3f)", name, cal["threshold"],
+                     args.far, args.calibrate_folds, cal["people"], cal["tar"] or float("nan"))
+        else:
+            cfg_run = cfg
+        summary = D.run_demo(tv / "video.mp4", tv / "gallery", run / "run", cfg_run, model=model,
+                             progress=False, threshold_source=source)
         det = pd.read_parquet(run / "run" / "detections.parquet")
         res = open_set_metrics(det, pd.read_parquet(tv / "ground_truth.parquet"), summary["threshold"],
                                frames=summary["frames"])
@@ -93,6 +122,33 @@ def main() -> int:
     first = rows[0][1]
     print("; ".join(f"{n}: {fps:.2f} frames/s, embedding {emb} s, {fps / first:.2f}x" for n, fps, emb in rows))
     return 0
+
+
+def _fold_people(args, folds: str | None, exclude: str | None = None) -> list[str]:
+    """The people of the given folds of LFW's pairs.txt; with ``exclude`` instead, every LFW person outside
+    those folds (for calibrate_on_lfw's ``exclude``)."""
+    from maskface.datasets import lfw_people, parse_pairs
+
+    pairs = parse_pairs(Path(args.lfw) / "pairs.txt")
+    wanted = {int(k) for k in (folds or exclude).split(",")}
+    sel = pairs[pairs["fold"].isin(wanted)]
+    people = {i.split("/")[0] for i in pd.concat([sel["a"], sel["b"]])}
+    if exclude is None:
+        return sorted(people)
+    return sorted(set(lfw_people(Path(args.lfw) / "images_deepfunneled")) - people)
+
+
+def _people_subset(args, folds: str | None, where: Path) -> Path:
+    """The LFW images folder, or with ``folds`` a folder of links to those folds' people only."""
+    root = Path(args.lfw) / "images_deepfunneled"
+    if not folds:
+        return root
+    where.mkdir(parents=True, exist_ok=True)
+    for p in _fold_people(args, folds):
+        link = where / p
+        if not link.exists():
+            link.symlink_to((root / p).resolve(), target_is_directory=True)
+    return where
 
 
 if __name__ == "__main__":
