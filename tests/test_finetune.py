@@ -213,6 +213,7 @@ def test_fine_tune_through_snakemake_on_real_faces(lfw, tmp_path):
     for group in ("tft-m50", "tft-m0"):
         fe = json.loads((res / f"models/{group}-fold1-seed1/fold_eval.json").read_text())
         assert fe["validation_fold"] == 2 and set(fe["protocols"]) == {"clean", "mixed", "masked"}
+        assert fe["protocols"]["clean"]["validation"]["fold"] == 2 and 0 <= fe["protocols"]["clean"]["validation"]["auc"] <= 1
         doc = json.loads((res / f"eval/{group}/tinylfw.json").read_text())
         assert doc["folds_run"] == [1] and doc["folds_not_run"] == [2, 3]
         assert doc["protocols"]["clean"]["fold_accuracy"] == [fe["protocols"]["clean"]["accuracy"]]

@@ -24,7 +24,17 @@ from .devices import precision_policy, resolve_device
 from .chipcache import CHIP_SHAPE, open_chips
 from .evaluate import ProtocolSettings, roc_summary, verify_10fold
 from .models import load_model, preprocess
-from .train_data import CROP_SHAPE, open_cache
+from .train_data import open_cache
+
+
+def row_batches(images: np.ndarray, rows: np.ndarray, batch_size: int):
+    """``images[rows]`` in batches of ``batch_size``, each read in row order (kinder to a memory map)."""
+    for s in range(0, len(rows), batch_size):
+        r = rows[s:s + batch_size]
+        order = np.argsort(r)
+        chunk = np.empty((len(r),) + images.shape[1:], images.dtype)
+        chunk[order] = images[r[order]]
+        yield chunk
 
 
 @torch.inference_mode()
@@ -32,11 +42,7 @@ def embed_rows(net: nn.Module, images: np.ndarray, rows: np.ndarray, device: tor
                batch_size: int = 256) -> np.ndarray:
     """Features [f(x), f(flip x)] (evaluation.m) of ``images[rows]`` with the training preprocessing."""
     out = []
-    for s in range(0, len(rows), batch_size):
-        r = rows[s:s + batch_size]
-        order = np.argsort(r)
-        chunk = np.empty((len(r),) + CROP_SHAPE, np.uint8)
-        chunk[order] = images[r[order]]
+    for chunk in row_batches(images, rows, batch_size):
         x = preprocess(torch.from_numpy(chunk).to(device))
         f = torch.cat([net(x).float(), net(x.flip(3)).float()], dim=1)
         out.append(f.cpu().numpy())
@@ -51,11 +57,7 @@ def embed_chip_rows(net: nn.Module, normalisation: Mapping[str, Any], chips: np.
     mean = torch.tensor(normalisation["mean"], dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(normalisation["std"], dtype=torch.float32).view(1, 3, 1, 1)
     out = []
-    for s in range(0, len(rows), batch_size):
-        r = rows[s:s + batch_size]
-        order = np.argsort(r)
-        chunk = np.empty((len(r),) + CHIP_SHAPE, np.uint8)
-        chunk[order] = chips[r[order]]
+    for chunk in row_batches(chips, rows, batch_size):
         desc = []
         for c in (chunk, np.ascontiguousarray(chunk[:, :, ::-1])):
             x = torch.as_tensor(c).permute(0, 3, 1, 2).to(torch.float32)
@@ -142,7 +144,20 @@ def evaluate_fold(model_path: str | os.PathLike, pairs: pd.DataFrame, fold: int,
             "scores": [None if np.isnan(v) else float(v) for v in sc], "same": [bool(v) for v in sm]}
         if validation is None:
             res["protocols"][name]["seen_folds_mean"] = float(np.mean(others))
+        else:   # for choosing a schedule without the test fold: the validation fold alone, its own mean
+            res["protocols"][name]["validation"] = _fold_roc(fa, fb, pairs, int(validation))
     return res
+
+
+def _fold_roc(fa: np.ndarray, fb: np.ndarray, pairs: pd.DataFrame, fold: int) -> dict:
+    """AUC and TAR@FAR of one fold's pairs, cosine after subtracting that fold's own mean feature."""
+    sel = (pairs["fold"] == fold).to_numpy()
+    a, b, same = fa[sel], fb[sel], pairs["same"].to_numpy(bool)[sel]
+    ok = np.isfinite(a).all(1) & np.isfinite(b).all(1)
+    mu = np.concatenate([a[ok], b[ok]]).mean(0)
+    a, b = a[ok] - mu, b[ok] - mu
+    cos = np.einsum("ij,ij->i", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"fold": fold, "n_pairs": int(sel.sum()), **roc_summary(cos, same[ok])}
 
 
 def lfw_evaluation(evals: Sequence[Mapping[str, Any]], *, model: str, dataset: str,
