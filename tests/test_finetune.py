@@ -5,6 +5,7 @@ m0 runs, fold evaluation, results/eval/<group>/<dataset>.json), whose model the 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -237,6 +238,12 @@ def test_fine_tune_through_snakemake_on_real_faces(lfw, tmp_path):
     net, meta = load_checkpoint(model)
     got = embed_chip_rows(net, meta["input"], arr, np.arange(4), torch.device("cpu"))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    # nothing to do afterwards
+    # nothing to do afterwards; a fold added trains that fold only (the runs already trained stay)
     again = snakemake_run(tmp_path, "-n", "train_all", "--configfile", str(tmp_path / "config.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
+    cfg["train"]["folds"] = [1, 2]
+    (tmp_path / "more.yaml").write_text(json.dumps(cfg))
+    plan = snakemake_run(tmp_path, "-n", "train_all", "--configfile", str(tmp_path / "more.yaml"))
+    out = plan.stdout + plan.stderr
+    trained = set(re.findall(r"output: results/models/([\w.-]+)/model\.pt", out))
+    assert trained == {"tft-m50-fold2-seed1", "tft-m0-fold2-seed1"}, trained

@@ -336,6 +336,9 @@ def train_inputs(wc):
     return inp
 
 
+RUN_LIST_KEYS = ("mask_fractions", "folds", "seeds")
+
+
 def train_spec(wc):
     run = TRAIN_RUNS[wc.run]
     sources = []
@@ -347,8 +350,9 @@ def train_spec(wc):
     spec = {"run": wc.run, "protocol": TRAIN["protocol"], "fold": run["fold"], "seed": run["seed"],
             "exclude_fold": run["fold"] if TRAIN_LFW else None,
             "pairs": pairs_manifest(TRAIN_ON[0]) if TRAIN_LFW else None,
-            # mask_fractions left out: adding a fraction must not rerun the runs already trained
-            "sources": sources, "train": {**{k: v for k, v in TRAIN.items() if k != "mask_fractions"},
+            # the keys that list the runs are left out (the run's own fold, seed and fraction are in): adding a
+            # fraction, a fold or a seed must not rerun the runs already trained
+            "sources": sources, "train": {**{k: v for k, v in TRAIN.items() if k not in RUN_LIST_KEYS},
                                           "mask_fraction": run["mask_fraction"]}}
     return as_param(spec)
 
