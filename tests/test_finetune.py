@@ -42,6 +42,11 @@ def test_prefix_then_top_is_the_network(dlib_net):
     assert set(top.state_dict()) == set(dlib_net.state_dict())      # the whole network's state
     with pytest.raises(ValueError, match="frozen_blocks"):
         DlibResnetTop(15)
+    center = torch.linspace(-1, 1, 128)
+    shifted = DlibResnet(feature_center=center.tolist())
+    shifted.load_state_dict(dlib_net.state_dict())          # the centre is an argument, not state
+    with torch.no_grad():
+        torch.testing.assert_close(shifted(x), whole - center)
 
 
 def test_lr_mult_groups_freeze_and_keep_the_sphereface_groups():
@@ -151,6 +156,11 @@ def test_a_fine_tune_resumes_bit_identically(tmp_path, dlib_net):
     net_b, _ = load_checkpoint(tmp_path / "b" / "model.pt")
     assert isinstance(net_a, DlibResnet) and meta["input"]["height"] == 150
     assert meta["eval"] == {"mean_subtraction": True, "metric": "cosine"} and meta["meta"]["init"] == "dlib-resnet"
+    # the network subtracts its mean training descriptor: the clean training chips' features average to 0
+    assert net_a.centred and len(meta["arch_kwargs"]["feature_center"]) == 128
+    with torch.no_grad():
+        f = net_a.top(torch.from_numpy(pre[:, 0].astype(np.float32)), k)
+    assert f.mean(0).abs().max() < 1e-5 * f.abs().max()
     for (n, a), (_, b) in zip(net_a.state_dict().items(), net_b.state_dict().items()):
         assert torch.equal(a, b), n
     moved = [n for n, v in net_a.state_dict().items() if not torch.equal(v, dlib_net.state_dict()[n])]

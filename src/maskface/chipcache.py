@@ -65,15 +65,20 @@ def load_init(init: str, device: str = "cpu"):
     return net, {"mean": [float(v) for v in inp["mean"]], "std": [float(v) for v in inp["std"]]}
 
 
-def save_chip_model(path: str | os.PathLike, net, normalisation: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+def save_chip_model(path: str | os.PathLike, net, normalisation: Mapping[str, Any], meta: Mapping[str, Any],
+                    feature_center: Optional[Any] = None) -> None:
     """A trained chip network as a maskface-embedder checkpoint (what ``embedder: dlib-resnet`` with a
-    ``checkpoint`` loads): the whole network, dlib's chip input, scored by cosine with mean subtraction."""
+    ``checkpoint`` loads): the whole network, dlib's chip input, scored by cosine with mean subtraction.
+    ``feature_center``: the mean training descriptor, subtracted by the network itself (so that plain cosine,
+    as the demo scores, works too)."""
     from .dlibnet import DlibResnet
     from .features import save_checkpoint
 
-    full = DlibResnet()
+    center = None if feature_center is None else [float(v) for v in feature_center]
+    full = DlibResnet(feature_center=center)
     full.load_state_dict(net.state_dict())
-    save_checkpoint(path, full, arch="maskface.dlibnet:DlibResnet", feature_dim=128,
+    save_checkpoint(path, full, arch="maskface.dlibnet:DlibResnet",
+                    arch_kwargs={"feature_center": center} if center else {}, feature_dim=128,
                     input={"kind": CHIP_INPUT_KIND, "height": 150, "width": 150, "channel_order": "RGB",
                            "mean": list(normalisation["mean"]), "std": list(normalisation["std"]),
                            "chip": {"landmarks": "dlib shape_predictor_5", "size": 150, "padding": 0.25}},

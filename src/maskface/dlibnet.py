@@ -595,7 +595,7 @@ class DlibResnet(nn.Module):
     normalised as :func:`to_input` and returns the raw (N, 128) descriptors, as dlib's
     ``compute_face_descriptor`` (not L2-normalised). Build it with weights by :meth:`from_dlib_file`."""
 
-    def __init__(self):
+    def __init__(self, feature_center: Optional[Sequence[float]] = None):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 32, 7, stride=2, padding=0)     # con<32,7,7,2,2>: no padding
         self.aff1 = Affine(32)
@@ -606,6 +606,12 @@ class DlibResnet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(256, 128, bias=False)
         self.register_buffer("input_mean", torch.tensor(DLIB_RESNET_MEAN_RGB, dtype=torch.float32))
+        # a fine-tune's mean training descriptor, subtracted from every output (an arch argument of its
+        # checkpoint, not part of the state): dlib's descriptors share a large common component, and a network
+        # fine-tuned on centred features is scored by plain cosine only once it is removed. None: dlib's output.
+        self.centred = feature_center is not None
+        center = torch.tensor(list(feature_center) if self.centred else [0.0] * 128, dtype=torch.float32)
+        self.register_buffer("feature_center", center, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.top(self.prefix(x, len(self.blocks)), len(self.blocks))
@@ -620,7 +626,8 @@ class DlibResnet(nn.Module):
         """The descriptors from the activations :meth:`prefix` gives for ``blocks``: the remaining residual
         blocks, the global average and the fc."""
         h = self.blocks[blocks:](h)
-        return self.fc(h.mean(dim=(2, 3)))                         # avg_pool_everything, fc
+        out = self.fc(h.mean(dim=(2, 3)))                          # avg_pool_everything, fc
+        return out - self.feature_center if self.centred else out
 
     def to_input(self, chips: np.ndarray) -> torch.Tensor:
         """:func:`to_input` with this model's input averages (those of its file)."""

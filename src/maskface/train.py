@@ -26,7 +26,8 @@ Fine-tuning a pretrained network (``train.init``: ``dlib-resnet`` or a checkpoin
     redrawn in the photo). The stage's heads apply; ``center_features`` gives the head the batch-centred
     features (dlib's descriptors share a large common component), ``head_init: class_means`` starts the head at
     the class means of the initial features, ``optimizer`` / ``lr_schedule`` / ``lr_mult`` (per parameter-name
-    prefix; 0 freezes) set the schedule. model.pt is then a dlib-resnet checkpoint (maskface.features).
+    prefix; 0 freezes) set the schedule. model.pt is then a dlib-resnet checkpoint (maskface.features) whose
+    network subtracts its mean training feature (with ``center_features``), so plain cosine scores it too.
 
 Loop
     SGD with momentum (or AdamW); Caffe parameter groups (biases at ``bias_lr_mult`` x lr and no weight decay, as
@@ -178,11 +179,10 @@ def build_network(cfg: Mapping[str, Any]) -> tuple[nn.Module, Optional[dict]]:
 
 
 @torch.no_grad()
-def head_at_class_means(head: MarginHead, net: nn.Module, data: TrainData, device: torch.device,
-                        center: bool, use_masked: bool, batch_size: int = 512) -> None:
-    """``train.head_init: class_means``: each class weight = the normalised sum of its images' normalised
-    features under the initial network (less the mean of all of them when ``center``), clean and, with
-    ``use_masked``, masked."""
+def training_features(net: nn.Module, data: TrainData, device: torch.device, use_masked: bool,
+                      batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of every training image under ``net`` (unflipped): clean and, with ``use_masked``,
+    the masked ones too. The network is left in train mode."""
     net.eval()
     feats, labels = [], []
     for masked in (False, True) if use_masked else (False,):
@@ -193,12 +193,21 @@ def head_at_class_means(head: MarginHead, net: nn.Module, data: TrainData, devic
             x = x.float() if data.mirrored else preprocess(x)
             feats.append(net(x).float())
             labels.append(torch.from_numpy(data.labels[b]).to(device))
-    f, y = torch.cat(feats), torch.cat(labels)
+    net.train()
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def head_at_class_means(head: MarginHead, net: nn.Module, data: TrainData, device: torch.device,
+                        center: bool, use_masked: bool) -> None:
+    """``train.head_init: class_means``: each class weight = the normalised sum of its images' normalised
+    features under the initial network (less the mean of all of them when ``center``), clean and, with
+    ``use_masked``, masked."""
+    f, y = training_features(net, data, device, use_masked)
     if center:
         f = f - f.mean(dim=0, keepdim=True)
     w = torch.zeros(data.num_classes, f.shape[1], device=device).index_add_(0, y, F.normalize(f, dim=1))
     head.weight.copy_(F.normalize(w, dim=1).to(head.weight.dtype))
-    net.train()
 
 
 def spec_digest(spec: Mapping[str, Any]) -> str:
@@ -582,7 +591,11 @@ def _finalise(run: Run, rows: list, done: int) -> dict:
         if run.normalisation is not None:
             from .chipcache import save_chip_model
 
-            save_chip_model(run.out / "model.pt", run.net, run.normalisation, _model_meta(run, rows))
+            center = None
+            if run.cfg["center_features"]:      # the network subtracts its mean training feature itself
+                feats, _ = training_features(run.net, run.data, run.device, float(run.cfg["mask_fraction"]) > 0)
+                center = feats.mean(dim=0).cpu().numpy()
+            save_chip_model(run.out / "model.pt", run.net, run.normalisation, _model_meta(run, rows), center)
         else:
             save_model(run.out / "model.pt", run.net, _model_meta(run, rows))
         write_log_csv(rows, run.out / "train_log.csv")
