@@ -112,7 +112,7 @@ def bench_loader(cache: list[str], batch: int, device: torch.device, steps: int,
     sync(device)
     t = time.perf_counter()
     n = 0
-    for _, xb, yb, fb, _ in it:
+    for _, xb, yb, fb, _, _ in it:
         x = xb.to(device, non_blocking=True)
         f = fb.to(device, non_blocking=True)
         x = preprocess(torch.where(f.view(-1, 1, 1, 1), x.flip(2), x))

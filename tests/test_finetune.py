@@ -130,24 +130,39 @@ def test_per_fold_models_as_one_evaluation_never_fill_in_missing_folds():
         lfw_evaluation(evals + [evals[0]], model="g", dataset="lfw", all_folds=range(1, 11))
 
 
-def test_a_fine_tune_resumes_bit_identically(tmp_path, dlib_net):
-    """A chip run stopped at a checkpoint and resumed ends with the weights of an uncut run."""
+def _prefix_spec(tmp: Path, net: DlibResnet, k: int = 12, **train) -> tuple[dict, np.ndarray]:
+    """(a chip run's spec over 12 random chips' frozen-prefix activations, plain and mirrored; those
+    activations). The masked cache is the chips with a grey block over the lower half, as a mask would be."""
     rng = np.random.default_rng(1)
-    k = 12
     chips = rng.integers(0, 256, (12, 150, 150, 3), dtype=np.uint8)
-    with torch.no_grad():
-        pre = np.stack([dlib_net.prefix(dlib_net.to_input(c), k).numpy()
-                        for c in (chips, np.ascontiguousarray(chips[:, :, ::-1]))], axis=1).astype(np.float16)
-    np.save(tmp_path / "p.npy", pre)
+    masked = chips.copy()
+    masked[:, 85:130, 30:120] = 128
+
+    def prefix(c):
+        with torch.no_grad():
+            return np.stack([net.prefix(net.to_input(x), k).numpy()
+                             for x in (c, np.ascontiguousarray(c[:, :, ::-1]))], axis=1).astype(np.float16)
+    pre = prefix(chips)
+    np.save(tmp / "p.npy", pre)
+    np.save(tmp / "pm.npy", prefix(masked))
     ids = [f"P{i % 3}/P{i % 3}_{i:04d}.jpg" for i in range(12)]
-    pd.DataFrame({"image_id": ids, "row": np.arange(12)}).to_parquet(tmp_path / "p.parquet")
+    for name in ("p", "pm"):
+        pd.DataFrame({"image_id": ids, "row": np.arange(12)}).to_parquet(tmp / f"{name}.parquet")
     man = pd.DataFrame({"image_id": ids, "identity": [i.split("/")[0] for i in ids], "status": "ok"})
-    cache = (str(tmp_path / "p.npy"), str(tmp_path / "p.parquet"))
-    spec = {"run": "ft", "seed": 2, "sources": [{"dataset": "d", "manifest": man, "clean": cache, "masked": cache}],
-            "train": {"init": "dlib-resnet", "frozen_blocks": k, "head": {"type": "cosface"}, "center_features": True,
-                      "head_init": "class_means", "optimizer": "adamw", "lr": 1e-3, "lr_mult": {"head": 10},
-                      "lr_schedule": "cosine", "iterations": 6, "batch_size": 6, "mask_fraction": 0.5,
-                      "device": "cpu", "log_every": 2, "checkpoint_every": 2, "prefetch": 2}}
+    src = {"dataset": "d", "manifest": man, "clean": (str(tmp / "p.npy"), str(tmp / "p.parquet")),
+           "masked": (str(tmp / "pm.npy"), str(tmp / "pm.parquet"))}
+    cfg = {"init": "dlib-resnet", "frozen_blocks": k, "head": {"type": "cosface"}, "center_features": True,
+           "head_init": "class_means", "optimizer": "adamw", "lr": 1e-3, "lr_mult": {"head": 10},
+           "lr_schedule": "cosine", "iterations": 6, "batch_size": 6, "mask_fraction": 0.5,
+           "device": "cpu", "log_every": 2, "checkpoint_every": 2, "prefetch": 2}
+    cfg.update(train)
+    return {"run": "ft", "seed": 2, "sources": [src], "train": cfg}, pre
+
+
+def test_a_fine_tune_resumes_bit_identically(tmp_path, dlib_net):
+    """A chip run stopped at a checkpoint and resumed ends with the weights of an uncut run (distillation on)."""
+    k = 12
+    spec, pre = _prefix_spec(tmp_path, dlib_net, k, distill=1.0)
     train_run(spec, tmp_path / "a")
     train_run(spec, tmp_path / "b", stop_after=4)
     train_run(spec, tmp_path / "b")
@@ -156,15 +171,61 @@ def test_a_fine_tune_resumes_bit_identically(tmp_path, dlib_net):
     net_b, _ = load_checkpoint(tmp_path / "b" / "model.pt")
     assert isinstance(net_a, DlibResnet) and meta["input"]["height"] == 150
     assert meta["eval"] == {"mean_subtraction": True, "metric": "cosine"} and meta["meta"]["init"] == "dlib-resnet"
-    # the network subtracts its mean training descriptor: the clean training chips' features average to 0
+    # the network subtracts its mean training descriptor: the training chips' features (clean and masked, as
+    # mask_fraction > 0) average to 0
     assert net_a.centred and len(meta["arch_kwargs"]["feature_center"]) == 128
     with torch.no_grad():
-        f = net_a.top(torch.from_numpy(pre[:, 0].astype(np.float32)), k)
+        f = torch.cat([net_a.top(torch.from_numpy(a[:, 0].astype(np.float32)), k)
+                       for a in (pre, np.load(tmp_path / "pm.npy"))])
     assert f.mean(0).abs().max() < 1e-5 * f.abs().max()
     for (n, a), (_, b) in zip(net_a.state_dict().items(), net_b.state_dict().items()):
         assert torch.equal(a, b), n
     moved = [n for n, v in net_a.state_dict().items() if not torch.equal(v, dlib_net.state_dict()[n])]
     assert moved and all(n.startswith(("blocks.12.", "blocks.13.", "fc.")) for n in moved)   # the frozen part stayed
+    log_a = pd.read_csv(tmp_path / "a" / "train_log.csv")
+    log_b = pd.read_csv(tmp_path / "b" / "train_log.csv")
+    assert log_a["distill"].gt(0).all() and meta["meta"]["distill"] == 1.0
+    np.testing.assert_allclose(log_b["distill"], log_a["distill"], rtol=1e-9)  # the cut window restored once
+
+
+def test_distillation_targets_and_what_the_term_keeps(tmp_path, dlib_net):
+    """The targets are the initial network's clean features, plain and mirrored; a strong distillation term keeps
+    the features of the clean and the masked chips near them, where the head alone lets both drift."""
+    from maskface.features import load_checkpoint
+    from maskface.train import build_network, distill_term, teacher_targets
+
+    k = 12
+    spec, pre = _prefix_spec(tmp_path, dlib_net, k)
+    data = TrainData.from_sources(spec["sources"], mirrored=True, need_masked=True)
+    net, _ = build_network(merged(spec["train"]))
+    targets, var = teacher_targets(net, data, torch.device("cpu"))
+    with torch.no_grad():
+        ref = [dlib_net.top(torch.from_numpy(pre[data.clean_row, m].astype(np.float32)), k).numpy() for m in (0, 1)]
+    np.testing.assert_allclose(targets[:, 0], ref[0], atol=1e-5)
+    np.testing.assert_allclose(targets[:, 1], ref[1], atol=1e-5)
+    flat = targets.reshape(-1, targets.shape[2])
+    assert var == pytest.approx(((flat - flat.mean(0)) ** 2).sum(1).mean(), rel=1e-6)
+    t = torch.from_numpy(targets[:, 0])
+    assert float(distill_term(t, t, var)) == 0 and float(distill_term(t + 0.1, t, var)) > 0
+
+    def drift(out):
+        """Mean squared distance to the targets over the teacher's variance: (clean, masked) chips, plain."""
+        model, meta = load_checkpoint(out / "model.pt")
+        centre = torch.tensor(meta["arch_kwargs"]["feature_center"])
+        res = []
+        for arr in (pre, np.load(tmp_path / "pm.npy")):
+            with torch.no_grad():
+                f = model.top(torch.from_numpy(arr[data.clean_row, 0].astype(np.float32)), k) + centre
+            res.append(float(distill_term(f, t, var)))
+        return res
+
+    # 10 AdamW steps at 1e-4: without the term the raw features drift ~66 variances away (the cosine head does
+    # not see their scale), with it ~6 (clean) and ~11 (masked); the masked chips start ~6 away
+    train_run(_prefix_spec(tmp_path, dlib_net, k, distill=0.0, lr=1e-4, iterations=10)[0], tmp_path / "off")
+    train_run(_prefix_spec(tmp_path, dlib_net, k, distill=50.0, lr=1e-4, iterations=10)[0], tmp_path / "on")
+    (clean_off, masked_off), (clean_on, masked_on) = drift(tmp_path / "off"), drift(tmp_path / "on")
+    assert clean_on < 0.3 * clean_off, (clean_on, clean_off)
+    assert masked_on < 0.3 * masked_off, (masked_on, masked_off)
 
 
 # ------------------------------------------------------------------------- the workflow, for real
@@ -207,7 +268,7 @@ def test_fine_tune_through_snakemake_on_real_faces(lfw, tmp_path):
         "train": {"protocol": "lfw_unrestricted", "preset": "none", "name": "tft", "mask_fractions": [0.5, 0.0],
                   "folds": [1], "validation": "next_fold", "init": "dlib-resnet", "frozen_blocks": 12,
                   "head": {"type": "cosface"}, "center_features": True, "head_init": "class_means",
-                  "optimizer": "adamw", "lr": 1e-4, "lr_mult": {"head": 10}, "lr_schedule": "cosine",
+                  "optimizer": "adamw", "lr": 1e-4, "lr_mult": {"head": 10}, "lr_schedule": "cosine", "distill": 5,
                   "iterations": 4, "batch_size": 8, "min_images": 2, "device": "cpu", "threads": 2,
                   "checkpoint_every": 2, "log_every": 2, "eval_batch_size": 8},
     }
@@ -230,7 +291,7 @@ def test_fine_tune_through_snakemake_on_real_faces(lfw, tmp_path):
         assert doc["protocols"]["clean"]["fold_accuracy"] == [fe["protocols"]["clean"]["accuracy"]]
         assert (res / f"eval/{group}/tinylfw.md").read_text().count("| clean |") == 2
     log = pd.read_csv(res / "models/tft-m50-fold1-seed1/train_log.csv")
-    assert list(log["iteration"]) == [2, 4] and log["masked_share"].gt(0).all()
+    assert list(log["iteration"]) == [2, 4] and log["masked_share"].gt(0).all() and log["distill"].gt(0).all()
     assert pd.read_csv(res / "models/tft-m0-fold1-seed1/train_log.csv")["masked_share"].eq(0).all()
     # the chips the fold evaluation scores are the evaluation's own: its dlib-resnet embedder reads the model
     from maskface.features import DlibResnetEmbedder, SourceLoader

@@ -327,7 +327,8 @@ def test_outputs_log_and_mask_share(syn, tmp_path):
     res = train_run(_spec(syn, mask_fraction=0.5, iterations=24, log_every=12, batch_size=10, lr_steps=[12]),
                     tmp_path / "m")
     log = pd.read_csv(tmp_path / "m" / "train_log.csv")
-    assert list(log.columns) == ["iteration", "loss", "accuracy", "lambda", "lr", "img_s", "masked_share"]
+    assert list(log.columns) == ["iteration", "loss", "accuracy", "lambda", "lr", "img_s", "masked_share", "distill"]
+    assert log["distill"].eq(0).all()  # train.distill off
     assert list(log["iteration"]) == [12, 24]
     assert log["lambda"].iloc[0] == pytest.approx(1000 / (1 + 0.12 * 12))
     assert log["lr"].tolist() == pytest.approx([0.05, 0.005])

@@ -28,6 +28,10 @@ Fine-tuning a pretrained network (``train.init``: ``dlib-resnet`` or a checkpoin
     the class means of the initial features, ``optimizer`` / ``lr_schedule`` / ``lr_mult`` (per parameter-name
     prefix; 0 freezes) set the schedule. model.pt is then a dlib-resnet checkpoint (maskface.features) whose
     network subtracts its mean training feature (with ``center_features``), so plain cosine scores it too.
+    ``distill`` adds a feature-distillation term to the head's loss: the initial network (frozen, the teacher)
+    gives every training image's clean feature once, and the sample served (clean or masked, same flip) is pulled
+    to it, which keeps clean faces where the pretrained network put them and maps a masked face to its own
+    clean feature.
 
 Loop
     SGD with momentum (or AdamW); Caffe parameter groups (biases at ``bias_lr_mult`` x lr and no weight decay, as
@@ -47,7 +51,7 @@ digest continues from it; a killed run re-runs at most ``checkpoint_every`` iter
 A different spec starts over.
 
 Outputs of a run (``results/models/{run}/``): ``model.pt`` (maskface-embedder/1, see maskface.models),
-``train_log.csv`` (iteration, loss, accuracy, lambda, lr, img_s, masked_share: means over the last
+``train_log.csv`` (iteration, loss, accuracy, lambda, lr, img_s, masked_share, distill: means over the last
 ``log_every`` iterations; accuracy = argmax of the training logits, margin included, as Caffe's Accuracy
 layer on fc6), ``curve.png``.
 
@@ -94,7 +98,7 @@ from .train_data import BatchStream, StreamSampler, TrainData, build_cache, buil
 log = logging.getLogger("maskface.train")
 
 STATE_FORMAT = "maskface-train-state/1"
-LOG_FIELDS = ("iteration", "loss", "accuracy", "lambda", "lr", "img_s", "masked_share")
+LOG_FIELDS = ("iteration", "loss", "accuracy", "lambda", "lr", "img_s", "masked_share", "distill")
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -110,14 +114,19 @@ class TrainModule(nn.Module):
         self.amp_dtype, self.center = amp_dtype, bool(center)
         object.__setattr__(self, "_net_fwd", torch.compile(net) if compile_net else net)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, iteration: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, iteration: int, with_features: bool = False):
+        """The head's logits; with ``with_features``, (logits, the network's fp32 features)."""
         dev = x.device.type
         if self.amp_dtype is None:
-            return self.head(self._centred(self._net_fwd(x).float()), labels, iteration)
-        with torch.autocast(dev, dtype=self.amp_dtype):
-            feat = self._net_fwd(x)
-        with torch.autocast(dev, enabled=False):
-            return self.head(self._centred(feat.float()), labels, iteration)
+            feat = self._net_fwd(x).float()
+            logits = self.head(self._centred(feat), labels, iteration)
+        else:
+            with torch.autocast(dev, dtype=self.amp_dtype):
+                feat = self._net_fwd(x)
+            with torch.autocast(dev, enabled=False):
+                feat = feat.float()
+                logits = self.head(self._centred(feat), labels, iteration)
+        return (logits, feat) if with_features else logits
 
     def _centred(self, feat: torch.Tensor) -> torch.Tensor:
         return feat - feat.mean(dim=0, keepdim=True) if self.center else feat
@@ -195,6 +204,34 @@ def training_features(net: nn.Module, data: TrainData, device: torch.device, use
             labels.append(torch.from_numpy(data.labels[b]).to(device))
     net.train()
     return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def teacher_targets(net: nn.Module, data: TrainData, device: torch.device,
+                    batch_size: int = 512) -> tuple[np.ndarray, float]:
+    """``train.distill``: (each training image's clean feature under ``net``, plain and mirrored, float32
+    (n, 2, d); their variance, the mean squared distance to their mean, which scales the term). Mirrored caches
+    only (a chip network's frozen-prefix activations). The network is left in train mode."""
+    if not data.mirrored:
+        raise ValueError("train.distill needs train.init (a pretrained chip network's mirrored caches)")
+    net.eval()
+    out = None
+    for s in range(0, len(data), batch_size):
+        b = np.arange(s, min(s + batch_size, len(data)))
+        for flip in (0, 1):
+            x = torch.from_numpy(data.gather(b, np.zeros(len(b), bool), np.full(len(b), bool(flip)))).to(device)
+            f = net(x.float()).float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(data), 2, f.shape[1]), np.float32)
+            out[b, flip] = f
+    net.train()
+    flat = out.reshape(-1, out.shape[2]).astype(np.float64)
+    return out, float(((flat - flat.mean(axis=0)) ** 2).sum(axis=1).mean())
+
+
+def distill_term(feat: torch.Tensor, target: torch.Tensor, variance: float) -> torch.Tensor:
+    """The distillation term: mean squared distance of the features to their targets over ``variance``."""
+    return (feat - target).pow(2).sum(dim=1).mean() / variance
 
 
 @torch.no_grad()
@@ -294,50 +331,58 @@ class LogWindow:
         self.device, self.world, self.rank, self.iterations = device, int(world), int(rank), int(iterations)
         self.loss = torch.zeros((), device=device, dtype=torch.float64)
         self.correct = torch.zeros((), device=device, dtype=torch.float64)
+        self.distill = torch.zeros((), device=device, dtype=torch.float64)
         self.n, self.masked, self.t0 = 0, 0, time.time()
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, n_masked: int) -> None:
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, n_masked: int,
+            distill: Optional[torch.Tensor] = None) -> None:
         self.loss += loss.detach().double() * len(labels)
+        if distill is not None:
+            self.distill += distill.detach().double() * len(labels)
         self.correct += (logits.detach().argmax(1) == labels).sum().double()
         self.n += len(labels)
         self.masked += n_masked
 
-    def reduced(self) -> tuple[float, float, float, float]:
-        """(loss, correct, samples, masked samples) summed over every rank."""
+    def reduced(self) -> tuple[float, float, float, float, float]:
+        """(loss, correct, samples, masked samples, distillation term) summed over every rank."""
         if self.world == 1:
-            return float(self.loss), float(self.correct), float(self.n), float(self.masked)
+            return float(self.loss), float(self.correct), float(self.n), float(self.masked), float(self.distill)
         stats = torch.stack([self.loss, self.correct,
                              torch.tensor(float(self.n), device=self.device, dtype=torch.float64),
-                             torch.tensor(float(self.masked), device=self.device, dtype=torch.float64)])
+                             torch.tensor(float(self.masked), device=self.device, dtype=torch.float64),
+                             self.distill])
         torch.distributed.all_reduce(stats)
         return tuple(float(v) for v in stats)
 
     def row(self, done: int, lam: float, lr: float) -> dict:
         """The log row that closes the window at iteration ``done`` (logged on rank 0); the window restarts."""
-        loss, correct, n, masked = self.reduced()
+        loss, correct, n, masked, distill = self.reduced()
         dt = time.time() - self.t0
         row = {"iteration": done, "loss": loss / n, "accuracy": correct / n, "lambda": lam, "lr": lr,
-               "img_s": n / max(dt, 1e-9), "masked_share": masked / n}
+               "img_s": n / max(dt, 1e-9), "masked_share": masked / n, "distill": distill / n}
         if self.rank == 0:
-            log.info("it %d/%d loss %.4f acc %.3f lambda %.2f lr %.4g %.1f img/s masked %.2f", done, self.iterations,
-                     row["loss"], row["accuracy"], row["lambda"], row["lr"], row["img_s"], row["masked_share"])
+            log.info("it %d/%d loss %.4f acc %.3f lambda %.2f lr %.4g %.1f img/s masked %.2f distill %.4f", done,
+                     self.iterations, row["loss"], row["accuracy"], row["lambda"], row["lr"], row["img_s"],
+                     row["masked_share"], row["distill"])
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"training loss is {row['loss']} at iteration {done}")
         self.loss.zero_()
         self.correct.zero_()
+        self.distill.zero_()
         self.n, self.masked, self.t0 = 0, 0, time.time()
         return row
 
     def state_dict(self) -> dict:
         """The open window summed over the ranks, for the checkpoint."""
-        loss, correct, n, masked = self.reduced()
-        return {"loss": loss, "correct": correct, "n": int(n), "masked": int(masked)}
+        loss, correct, n, masked, distill = self.reduced()
+        return {"loss": loss, "correct": correct, "n": int(n), "masked": int(masked), "distill": distill}
 
     def load_state_dict(self, state: Optional[Mapping[str, Any]]) -> None:
         """Continue a saved window: on rank 0 only, its sums being every rank's."""
         if state and self.rank == 0:
             self.loss += state["loss"]
             self.correct += state["correct"]
+            self.distill += state.get("distill", 0.0)
             self.n, self.masked = int(state["n"]), int(state["masked"])
 
 
@@ -357,7 +402,10 @@ def plot_curve(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title
 
     it = [r["iteration"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    a1.plot(it, [r["loss"] for r in rows], color="tab:red")
+    a1.plot(it, [r["loss"] for r in rows], color="tab:red", label="head's loss")
+    if any(r.get("distill") for r in rows):
+        a1.plot(it, [r["distill"] for r in rows], color="tab:green", label="distillation term (unweighted)")
+        a1.legend()
     a1.set_xlabel("iteration")
     a1.set_ylabel("training loss")
     a1.grid(alpha=0.3)
@@ -399,6 +447,7 @@ class Run:
     opt: torch.optim.Optimizer
     sched: Any
     normalisation: Optional[dict] = None       # a pretrained chip network's input normalisation
+    distill_variance: float = 0.0              # train.distill: the teacher features' variance (0: no term)
 
     @property
     def iterations(self) -> int:
@@ -452,6 +501,12 @@ def _setup(spec: Mapping[str, Any], out_dir: str | os.PathLike, data: Optional[T
     np.random.seed(seed)
     random.seed(seed)
     net, normalisation = build_network(cfg)
+    variance = 0.0
+    if float(cfg["distill"]) > 0:          # the teacher is the initial network: its clean features, once
+        t0 = time.time()
+        data.targets, variance = teacher_targets(net, data, device)
+        log.info("distillation targets: the initial network's clean features of %d images, plain and mirrored "
+                 "(variance %.4f, %.1f s)", len(data), variance, time.time() - t0)
     head = make_head(cfg["head"], net.feature_dim, data.num_classes)
     module = TrainModule(net, head, amp, bool(cfg["compile"]), center=cfg["center_features"]).to(device)
     if cfg["channels_last"]:
@@ -463,7 +518,7 @@ def _setup(spec: Mapping[str, Any], out_dir: str | os.PathLike, data: Optional[T
     opt = make_optimizer(module, cfg)
     sched = make_schedule(opt, cfg)
     return Run(spec, cfg, out, digest, seed, world, rank, local_rank, device, data, net, head, module, opt, sched,
-               normalisation)
+               normalisation, variance)
 
 
 def _resume(run: Run) -> tuple[int, list, Optional[dict]]:
@@ -502,9 +557,12 @@ def _save_checkpoint(run: Run, done: int, rows: list, window: LogWindow) -> None
         torch.save(state, tmp)
 
 
-def _step(run: Run, model: nn.Module, it: int, xb: torch.Tensor, yb: torch.Tensor,
-          fb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """One SGD step of iteration ``it`` on a uint8 NHWC batch: (loss, logits, labels, the lr it used)."""
+def _step(run: Run, model: nn.Module, it: int, xb: torch.Tensor, yb: torch.Tensor, fb: torch.Tensor,
+          tb: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float,
+                                                      Optional[torch.Tensor]]:
+    """One SGD step of iteration ``it`` on a batch (uint8 NHWC crops, or frozen-prefix activations): (the
+    head's loss, logits, labels, the lr it used, the distillation term or None). ``tb``: the distillation
+    targets (train.distill), whose term is added to the loss at weight ``distill``."""
     x = xb.to(run.device, non_blocking=True)
     y = yb.to(run.device, non_blocking=True)
     if run.data.mirrored:                                # frozen-prefix activations, flipped by the loader
@@ -515,14 +573,22 @@ def _step(run: Run, model: nn.Module, it: int, xb: torch.Tensor, yb: torch.Tenso
         x = preprocess(x)
     if not run.cfg["channels_last"]:
         x = x.contiguous()
-    logits = model(x, y, it + 1)
-    loss = F.cross_entropy(logits, y)
+    distill = None
+    if tb is None:
+        logits = model(x, y, it + 1)
+        loss = F.cross_entropy(logits, y)
+        total = loss
+    else:
+        logits, feat = model(x, y, it + 1, with_features=True)
+        loss = F.cross_entropy(logits, y)
+        distill = distill_term(feat, tb.to(run.device, non_blocking=True), run.distill_variance)
+        total = loss + float(run.cfg["distill"]) * distill
     run.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total.backward()
     run.opt.step()
     lr_used = run.opt.param_groups[0]["lr"]
     run.sched.step()
-    return loss, logits, y, lr_used
+    return loss, logits, y, lr_used, distill
 
 
 def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[dict]) -> int:
@@ -542,9 +608,9 @@ def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[di
     window.load_state_dict(window_state)
     done = start
     try:
-        for it, xb, yb, fb, n_masked in stream:
-            loss, logits, y, lr_used = _step(run, model, it, xb, yb, fb)
-            window.add(loss, logits, y, n_masked)
+        for it, xb, yb, fb, n_masked, tb in stream:
+            loss, logits, y, lr_used, distill = _step(run, model, it, xb, yb, fb, tb)
+            window.add(loss, logits, y, n_masked, distill)
             done = it + 1
             if done % log_every == 0 or done == run.iterations:
                 rows.append(window.row(done, run.head.lambda_at(done), lr_used))
@@ -566,7 +632,7 @@ def _model_meta(run: Run, rows: Sequence[Mapping[str, Any]]) -> dict:
             "training_channel_order": "RGB", "training_normalisation": "(p - 127.5) / 128"}
     if cfg["init"] is not None:
         meta.update({k: cfg[k] for k in ("init", "frozen_blocks", "lr_mult", "optimizer", "lr_schedule",
-                                         "center_features", "head_init", "validation")})
+                                         "center_features", "head_init", "validation", "distill")})
         meta.pop("arch")
         meta["training_normalisation"] = f"(p - mean {run.normalisation['mean']}) / 256, dlib's 150x150 chips"
     try:

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "lr_schedule": "multistep",
     "center_features": False,
     "head_init": "random",
+    "distill": 0.0,
     "validation": "none",
     "statuses": ["ok"],
     "min_images": 1,

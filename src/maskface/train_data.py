@@ -155,6 +155,8 @@ class TrainData:
         self.mirrored = bool(mirrored)
         self.sample_shape = tuple(clean[0].shape[2:] if self.mirrored else clean[0].shape[1:])
         self.dtype = clean[0].dtype
+        # per sample, plain and mirrored: a target feature of the distillation term (train.distill), or None
+        self.targets: Optional[np.ndarray] = None
         for arr in [*clean, *(m for m in masked if m is not None)]:
             if arr.shape[1 + self.mirrored:] != self.sample_shape or arr.dtype != self.dtype:
                 raise ValueError(f"caches disagree: {arr.shape} {arr.dtype} vs {self.sample_shape} {self.dtype}")
@@ -260,10 +262,10 @@ class StreamSampler:
 
 
 class BatchStream:
-    """Iterator of (iteration, uint8 NHWC batch, labels, flip flags, served-masked count) for iterations
-    ``start`` to ``stop`` (0-based), in order, with ``prefetch`` batches in flight on ``workers`` threads (numpy's
-    gather releases the GIL). On CUDA the gather writes straight into pinned memory (torch's caching host
-    allocator), so the host->device copy can be asynchronous."""
+    """Iterator of (iteration, uint8 NHWC batch, labels, flip flags, served-masked count, distillation targets or
+    None) for iterations ``start`` to ``stop`` (0-based), in order, with ``prefetch`` batches in flight on
+    ``workers`` threads (numpy's gather releases the GIL). On CUDA the gather writes straight into pinned memory
+    (torch's caching host allocator), so the host->device copy can be asynchronous."""
 
     def __init__(self, data: TrainData, sampler: StreamSampler, start: int, stop: int, global_batch: int,
                  rank: int = 0, world: int = 1, prefetch: int = 4, pin: bool = False, workers: int = 1):
@@ -288,9 +290,13 @@ class BatchStream:
         y = torch.from_numpy(self.data.labels[idx])
         # mirrored caches have served the flipped samples already; for crops the step flips them
         f = torch.from_numpy(np.zeros_like(flp) if self.data.mirrored else flp)
+        t = None
+        if self.data.targets is not None:  # the clean image's target, flipped as the sample served
+            t = torch.from_numpy(self.data.targets[idx, flp.astype(np.int64)])
         if self.pin:
             y, f = y.pin_memory(), f.pin_memory()
-        return it, x, y, f, int(msk.sum())
+            t = t.pin_memory() if t is not None else None
+        return it, x, y, f, int(msk.sum()), t
 
     def __iter__(self):
         pending: collections.deque = collections.deque()
