@@ -60,17 +60,18 @@ def load_init(init: str, device: str = "cpu"):
         raise ValueError(f"train.init: {init}: channel order {inp['channel_order']}, expected RGB")
     with torch.no_grad():
         net.input_mean.copy_(torch.tensor(inp["mean"], dtype=torch.float32))
-    if any(abs(s - 256.0) > 0 for s in inp["std"]):
+    if any(float(s) != 256.0 for s in inp["std"]):
         raise ValueError(f"train.init: {init}: input std {inp['std']}, dlib's network divides by 256")
     return net, {"mean": [float(v) for v in inp["mean"]], "std": [float(v) for v in inp["std"]]}
 
 
 def save_chip_model(path: str | os.PathLike, net, normalisation: Mapping[str, Any], meta: Mapping[str, Any],
-                    feature_center: Optional[Any] = None) -> None:
-    """A trained chip network as a maskface-embedder checkpoint (what ``embedder: dlib-resnet`` with a
-    ``checkpoint`` loads): the whole network, dlib's chip input, scored by cosine with mean subtraction.
-    ``feature_center``: the mean training descriptor, subtracted by the network itself (so that plain cosine,
-    as the demo scores, works too)."""
+                    feature_center: Optional[Any] = None,
+                    eval: Optional[Mapping[str, Any]] = None) -> None:  # noqa: A002 - the checkpoint's key
+    """A chip network (dlib's, or one trained from it) as a maskface-embedder checkpoint (what ``embedder:
+    dlib-resnet`` with a ``checkpoint`` loads): the whole network, dlib's chip input, scored as ``eval`` says
+    (default: cosine with mean subtraction, as a fine-tuned network is). ``feature_center``: the mean training
+    descriptor, subtracted by the network itself (so that plain cosine, as the demo scores, works too)."""
     from .dlibnet import DlibResnet
     from .features import save_checkpoint
 
@@ -80,10 +81,11 @@ def save_chip_model(path: str | os.PathLike, net, normalisation: Mapping[str, An
     save_checkpoint(path, full, arch="maskface.dlibnet:DlibResnet",
                     arch_kwargs={"feature_center": center} if center else {}, feature_dim=128,
                     input={"kind": CHIP_INPUT_KIND, "height": 150, "width": 150, "channel_order": "RGB",
-                           "mean": list(normalisation["mean"]), "std": list(normalisation["std"]),
+                           "mean": [float(v) for v in normalisation["mean"]],
+                           "std": [float(v) for v in normalisation["std"]],
                            "chip": {"landmarks": "dlib shape_predictor_5", "size": 150, "padding": 0.25}},
-                    template="dlib_chip_150_padding_0.25", eval={"mean_subtraction": True, "metric": "cosine"},
-                    meta=dict(meta))
+                    template="dlib_chip_150_padding_0.25",
+                    eval=dict(eval or {"mean_subtraction": True, "metric": "cosine"}), meta=dict(meta))
 
 
 # ---------------------------------------------------------------------------------------------- chips
@@ -102,8 +104,8 @@ def build_chip_cache(npy_path: str | os.PathLike, index_path: str | os.PathLike,
                      prov: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
     """Cut every usable image's chip (see the module docstring) into ``npy_path`` + ``index_path`` (image_id,
     identity, status, face: the box it was cut in, row)."""
-    from .features import (ChipCutter, _chip_worker_chunk, _chip_worker_init, face_loader, usable_faces)
-    from .workers import chunked, imap
+    from .features import ChipCutter, chip_batches, face_loader, usable_faces
+    from .workers import chunked
 
     table = pd.read_parquet(aligned, columns=["image_id", "identity", "status", "bbox", "transform"])
     usable = usable_faces(table, None, log)
@@ -118,13 +120,7 @@ def build_chip_cache(npy_path: str | os.PathLike, index_path: str | os.PathLike,
     faces = []
     with atomic_path(npy_path) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids),) + CHIP_SHAPE)
-        if workers > 1 and len(chunks) > 1:
-            results = imap(_chip_worker_chunk, chunks, workers, initializer=_chip_worker_init,
-                           initargs=(cutter.cutter_settings(), load), what=f"chips ({variant})")
-        else:
-            results = ((cutter.chips(items), [cutter.face_source(f) for f in items])
-                       for items in ([load(i) for i in c] for c in chunks))
-        for chips, src in results:
+        for chips, src in chip_batches(cutter.cutter_settings(), chunks, load, workers, f"chips ({variant})"):
             arr[len(faces):len(faces) + len(src)] = chips
             faces.extend(src)
             if len(faces) % (20 * chunk) < chunk or len(faces) == len(ids):

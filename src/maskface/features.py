@@ -54,7 +54,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -333,15 +333,13 @@ class DlibResnetEmbedder(DlibChipEmbedder):
 def save_dlib_resnet_checkpoint(path: str | os.PathLike, model_file: Optional[str | os.PathLike] = None) -> None:
     """dlib's network as a ``maskface-embedder/1`` checkpoint, like the SphereFace models' (a starting point
     for training): the input is dlib's 150x150 RGB chip, normalised as dlib's input layer does."""
+    from .chipcache import save_chip_model
     from .dlibnet import DlibResnet
 
     net = DlibResnet.from_dlib_file(model_file)
-    save_checkpoint(path, net, arch="maskface.dlibnet:DlibResnet", feature_dim=128,
-                    input={"kind": "source_chip", "height": 150, "width": 150, "channel_order": "RGB",
-                           "mean": [float(v) for v in net.input_mean], "std": [256.0] * 3,
-                           "chip": {"landmarks": "dlib shape_predictor_5", "size": 150, "padding": 0.25}},
-                    template="dlib_chip_150_padding_0.25", eval={"mean_subtraction": False, "metric": "euclidean"},
-                    meta={"source": str(model_file or "dlib_face_recognition_resnet_model_v1.dat")})
+    save_chip_model(path, net, {"mean": net.input_mean.tolist(), "std": [256.0] * 3},
+                    {"source": str(model_file or "dlib_face_recognition_resnet_model_v1.dat")},
+                    eval={"mean_subtraction": False, "metric": "euclidean"})
 
 
 # --------------------------------------------------------------------------- masked faces in the source frame
@@ -643,6 +641,23 @@ def _worker_chunk(ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     return emb.embed(items), [emb.face_source(f) for f in items]
 
 
+def chip_batches(cutter_settings: Mapping[str, Any], chunks: Sequence[Sequence[str]], load: Callable[[str], FaceInput],
+                 workers: int = 1, what: str = "chips") -> Iterator[tuple[np.ndarray, list[str]]]:
+    """(uint8 chips, face source of each) per chunk of image ids, in order: cut by a
+    ``ChipCutter(**cutter_settings)``, in ``workers`` processes when there are several chunks (``load`` must
+    then be picklable, e.g. a :class:`SourceLoader`)."""
+    from .workers import imap
+
+    if workers > 1 and len(chunks) > 1:
+        yield from imap(_chip_worker_chunk, chunks, workers, initializer=_chip_worker_init,
+                        initargs=(dict(cutter_settings), load), what=what)
+        return
+    cut = ChipCutter(**cutter_settings)
+    for ids in chunks:
+        items = [load(i) for i in ids]
+        yield cut.chips(items), [cut.face_source(f) for f in items]
+
+
 def _chip_worker_init(settings: dict, load: Callable[[str], FaceInput]) -> None:
     _WORKER["cut"] = ChipCutter(**settings)
     _WORKER["load"] = load
@@ -676,8 +691,7 @@ def embed_all(embedder: Embedder, image_ids: Sequence[str], load: Callable[[str]
         chips_in_workers = isinstance(embedder, DlibChipEmbedder) and getattr(embedder, "device", "cpu") != "cpu"
     if workers > 1 and len(chunks) > 1 and chips_in_workers and isinstance(embedder, DlibChipEmbedder):
         results = ((embedder.describe_chip_batches(chips), src) for chips, src in
-                   imap(_chip_worker_chunk, chunks, workers, initializer=_chip_worker_init,
-                        initargs=(embedder.cutter_settings(), load), what=f"chips ({embedder.name})"))
+                   chip_batches(embedder.cutter_settings(), chunks, load, workers, f"chips ({embedder.name})"))
     elif workers > 1 and len(chunks) > 1 and spec is not None and embedder.input_kind == "source":
         results = imap(_worker_chunk, chunks, workers, initializer=_worker_init, initargs=(spec, load),
                        what=f"features ({embedder.name})")

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .devices import precision_policy, resolve_device
 from .chipcache import CHIP_SHAPE, open_chips
-from .evaluate import ProtocolSettings, roc_summary, verify_10fold
+from .evaluate import ProtocolSettings, pair_scores, roc_summary, verify_10fold
 from .models import load_model, preprocess
 from .train_data import open_cache
 
@@ -156,7 +156,8 @@ def _fold_roc(fa: np.ndarray, fb: np.ndarray, pairs: pd.DataFrame, fold: int) ->
     ok = np.isfinite(a).all(1) & np.isfinite(b).all(1)
     mu = np.concatenate([a[ok], b[ok]]).mean(0)
     a, b = a[ok] - mu, b[ok] - mu
-    cos = np.einsum("ij,ij->i", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    cos = pair_scores(a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True),
+                      "cosine")
     return {"fold": fold, "n_pairs": int(sel.sum()), **roc_summary(cos, same[ok])}
 
 
