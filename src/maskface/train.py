@@ -504,7 +504,7 @@ def _setup(spec: Mapping[str, Any], out_dir: str | os.PathLike, data: Optional[T
     variance = 0.0
     if float(cfg["distill"]) > 0:          # the teacher is the initial network: its clean features, once
         t0 = time.time()
-        data.targets, variance = teacher_targets(net, data, device)
+        data.targets, variance = teacher_targets(net.to(device), data, device)
         log.info("distillation targets: the initial network's clean features of %d images, plain and mirrored "
                  "(variance %.4f, %.1f s)", len(data), variance, time.time() - t0)
     head = make_head(cfg["head"], net.feature_dim, data.num_classes)
