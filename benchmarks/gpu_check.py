@@ -16,7 +16,9 @@ recorded with its error and the others still run. Steps:
 7. SphereFace embedder throughput and CPU/GPU feature agreement (cosine) on the aligned crops of step 6;
 8. the reference network (dlib-resnet, maskface.dlibnet) on dlib chips of step 6's faces: GPU img/s in fp32,
    bf16 and fp16, each one's cosine against the CPU fp32 descriptors, the CPU's against dlib's own run;
-9. a 2-rank DDP run (NCCL) when 2 GPUs are visible, else recorded as skipped (``--dry``: gloo on the CPU).
+9. a fine-tune of the reference network as config/finetune.yaml runs it (frozen prefix, distillation on) on
+   chips of step 6's faces: img/s, and on a GPU its loss curve and features against the same run on the CPU;
+10. a 2-rank DDP run (NCCL) when 2 GPUs are visible, else recorded as skipped (``--dry``: gloo on the CPU).
 
 Its data: ``--n-align`` LFW images read from ``--lfw`` (``$MASKFACE_LFW`` or ``../shared/data/lfw``), never
 copied into the repository; synthetic crops for the training steps.
@@ -278,6 +280,68 @@ def reference(device: str, recs: list[dict], lfw: Path, dry: bool) -> dict:
     return out
 
 
+def chip_fine_tune(device: str, recs: list[dict], lfw: Path, dry: bool) -> dict:
+    """A fine-tune of dlib's network as config/finetune.yaml runs it (frozen prefix cached, CosFace on centred
+    features, class-mean head, AdamW, distillation on) over dlib chips of step 6's faces, a grey block over the
+    lower half standing in for the mask: its img/s and, on a GPU, its loss and distillation curves and final
+    features against the same run on the CPU in fp32."""
+    import pandas as pd
+
+    from maskface.dlibnet import DlibResnet
+    from maskface.features import FaceInput, load_checkpoint, make_embedder
+    from maskface.imageio import load_rgb
+    from maskface.train import train_run
+
+    n, k = (16, 10) if dry else (256, 10)
+    ok = [r for r in recs[:n] if r.get("status") == "ok"]
+    chips = make_embedder("dlib").chips([FaceInput(load_rgb(lfw / "images_deepfunneled" / r["image_id"]),
+                                                   r.get("bbox")) for r in ok])
+    masked = chips.copy()
+    masked[:, 85:135, 25:125] = 128
+    net = DlibResnet.from_dlib_file().eval()
+
+    def prefix(c):
+        with torch.inference_mode():
+            return np.stack([net.prefix(net.to_input(x), k).numpy() for x in (c, np.ascontiguousarray(c[:, :, ::-1]))],
+                            axis=1).astype(np.float16)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        ids = [r["image_id"] for r in ok]
+        for name, c in (("clean", chips), ("masked", masked)):
+            np.save(t / f"{name}.npy", prefix(c))
+            pd.DataFrame({"image_id": ids, "row": np.arange(len(ids))}).to_parquet(t / f"{name}.parquet")
+        man = pd.DataFrame({"image_id": ids, "identity": [i.split("/")[0] for i in ids], "status": "ok"})
+        src = {"dataset": "lfw", "manifest": man, "clean": (str(t / "clean.npy"), str(t / "clean.parquet")),
+               "masked": (str(t / "masked.npy"), str(t / "masked.parquet"))}
+        train = {"init": "dlib-resnet", "frozen_blocks": k, "head": {"type": "cosface", "margin": 0.35, "scale": 30},
+                 "center_features": True, "head_init": "class_means", "optimizer": "adamw", "lr": 1e-4,
+                 "lr_mult": {"head": 10}, "lr_schedule": "cosine", "distill": 10, "mask_fraction": 0.5,
+                 "iterations": 4 if dry else 20, "batch_size": 8 if dry else 64, "log_every": 1,
+                 "checkpoint_every": 1000, "threads": 2, "prefetch": 2}
+        runs = {}
+        for dev in ([device] if device == "cpu" else [device, "cpu"]):
+            spec = {"run": "chip", "seed": 1, "protocol": "external", "sources": [src],
+                    "train": dict(train, device=dev, amp="none" if dev == "cpu" else "auto")}
+            t0 = time.perf_counter()
+            train_run(spec, t / dev)
+            log = pd.read_csv(t / dev / "train_log.csv")
+            model, _ = load_checkpoint(t / dev / "model.pt")
+            with torch.inference_mode():
+                feat = model.top(torch.from_numpy(np.load(t / "clean.npy")[:, 0].astype(np.float32)), k).numpy()
+            runs[dev] = {"wall_s": time.perf_counter() - t0, "img_s": float(log["img_s"].iloc[1:].mean()),
+                         "loss": log["loss"].round(4).tolist(), "distill": log["distill"].round(4).tolist(),
+                         "feat": feat}
+    out = {"images": len(ok), "frozen_blocks": k,
+           **{dev: {key: v for key, v in r.items() if key != "feat"} for dev, r in runs.items()}}
+    if device != "cpu":
+        a, b = runs[device]["feat"], runs["cpu"]["feat"]
+        c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        la, lb = np.array(runs[device]["loss"]), np.array(runs["cpu"]["loss"])
+        out["gpu_vs_cpu"] = {"feature_cosine_min": float(c.min()), "feature_cosine_mean": float(c.mean()),
+                             "loss_max_rel_diff": float((np.abs(la - lb) / np.maximum(np.abs(lb), 1e-9)).max())}
+    return out
+
+
 def ddp(device: str, dry: bool) -> dict:
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     if device == "cuda" and gpus < 2:
@@ -354,6 +418,7 @@ def main(argv=None) -> int:
     step(res, "alignment")(align_step)
     step(res, "embedders")(lambda: embedders(device, crops[:512], a.dry))
     step(res, "reference_network")(lambda: reference(device, crops, Path(a.lfw), a.dry))
+    step(res, "chip_fine_tune")(lambda: chip_fine_tune(device, crops, Path(a.lfw), a.dry))
     step(res, "ddp_2_ranks")(lambda: ddp(device, a.dry))
     res["total_s"] = time.perf_counter() - t0
     write_json(res, out / "gpu_check.json")
