@@ -585,6 +585,9 @@ def test_presets_and_mask_fraction_groups():
     assert own["arch"] == {"depth": 20, "width": 1.0, "feature_dim": 512} and own["iterations"] == 1200
     with pytest.raises(ValueError, match="preset"):
         with_preset({"preset": "tpu"}, gpu_here=False)
+    with pytest.raises(ValueError, match="distill 1.0 needs train.init"):
+        with_preset({"distill": 1.0}, gpu_here=False)
+    assert with_preset({"distill": 1.0, "init": "dlib-resnet"}, gpu_here=False)["distill"] == 1.0
     runs = run_names({**cpu, "mask_fractions": [0.5, 0.0]})
     assert runs == {"sphereface-cpu-m50-fold1-seed1": {"fold": 1, "seed": 1, "mask_fraction": 0.5,
                                                        "group": "sphereface-cpu-m50"},

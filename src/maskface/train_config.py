@@ -106,6 +106,9 @@ def with_preset(user: Optional[Mapping[str, Any]], gpu_here: bool) -> dict:
     cfg["preset"] = preset
     if preset != "none":
         cfg["name"] = f"{cfg['name']}-{preset}"
+    if float(cfg["distill"]) > 0 and cfg["init"] is None:
+        raise ValueError(f"train.distill {cfg['distill']} needs train.init (the pretrained network whose clean "
+                         f"features are the targets); SphereFace from scratch has no teacher")
     return cfg
 
 
