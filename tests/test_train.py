@@ -321,6 +321,21 @@ def test_other_spec_starts_over(syn, tmp_path):
     _assert_same_run(tmp_path / "r", tmp_path / "fresh")
 
 
+def test_a_rebuilt_index_with_new_provenance_keeps_the_digest(tmp_path):
+    """The digest reads a Parquet input's table, not its bytes: the same rows written again with another
+    provenance record (a cache rebuilt after a code change) keep it; other rows change it."""
+    from maskface.manifest import write_parquet
+
+    df = pd.DataFrame({"image_id": ["a/1", "b/1"], "row": [0, 1]})
+    spec = {"run": "t", "sources": [{"dataset": "d", "manifest": str(tmp_path / "m.parquet")}]}
+    write_parquet(df, tmp_path / "m.parquet", {"code": "one"})
+    first = spec_digest(spec)
+    write_parquet(df, tmp_path / "m.parquet", {"code": "two", "created": "later"})
+    assert spec_digest(spec) == first
+    write_parquet(df.assign(row=[1, 0]), tmp_path / "m.parquet", {"code": "one"})
+    assert spec_digest(spec) != first
+
+
 # ------------------------------------------------------------------------------------ outputs, masks
 
 def test_outputs_log_and_mask_share(syn, tmp_path):

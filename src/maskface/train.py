@@ -269,13 +269,29 @@ def _ident(obj):
 
 
 def _file_id(path) -> str:
-    """Size + sha256 of index/manifest files (small); size only for the large .npy caches."""
+    """What identifies an input file: the sha256 of a Parquet index's or manifest's table without its metadata
+    (so a cache rebuilt with the same rows but new provenance resumes a run), size only for the large .npy
+    caches, else the file's sha256."""
     p = Path(path)
     if not p.exists():
         return f"missing:{p.name}"
     if p.suffix == ".npy":
         return f"{p.name}:{p.stat().st_size}"
+    if p.suffix == ".parquet":
+        return f"{p.name}:table:{_table_digest(p)}"
     return f"{p.name}:{sha256_file(p)[:16]}"
+
+
+def _table_digest(path) -> str:
+    """sha256 of a Parquet file's table (columns, types, rows) in Arrow's stream format, metadata dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path).replace_schema_metadata(None).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
 
 
 def native_bf16(device: torch.device) -> bool:
