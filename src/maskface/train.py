@@ -188,22 +188,28 @@ def build_network(cfg: Mapping[str, Any]) -> tuple[nn.Module, Optional[dict]]:
 
 
 @torch.no_grad()
+def _sample_features(net: nn.Module, data: TrainData, device: torch.device, idx: np.ndarray, masked: bool,
+                     flip: bool = False, batch_size: int = 512) -> torch.Tensor:
+    """fp32 features under ``net`` (in eval mode; left in train mode) of the samples ``idx``, their clean or
+    masked version, plain or (mirrored caches) mirrored."""
+    net.eval()
+    feats = []
+    for s in range(0, len(idx), batch_size):
+        b = idx[s:s + batch_size]
+        x = torch.from_numpy(data.gather(b, np.full(len(b), masked), np.full(len(b), flip))).to(device)
+        x = x.float() if data.mirrored else preprocess(x)
+        feats.append(net(x).float())
+    net.train()
+    return torch.cat(feats)
+
+
 def training_features(net: nn.Module, data: TrainData, device: torch.device, use_masked: bool,
                       batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of every training image under ``net`` (unflipped): clean and, with ``use_masked``,
     the masked ones too. The network is left in train mode."""
-    net.eval()
-    feats, labels = [], []
-    for masked in (False, True) if use_masked else (False,):
-        idx = np.flatnonzero(data.has_masked) if masked else np.arange(len(data))
-        for s in range(0, len(idx), batch_size):
-            b = idx[s:s + batch_size]
-            x = torch.from_numpy(data.gather(b, np.full(len(b), masked))).to(device)
-            x = x.float() if data.mirrored else preprocess(x)
-            feats.append(net(x).float())
-            labels.append(torch.from_numpy(data.labels[b]).to(device))
-    net.train()
-    return torch.cat(feats), torch.cat(labels)
+    parts = [np.arange(len(data))] + ([np.flatnonzero(data.has_masked)] if use_masked else [])
+    feats = [_sample_features(net, data, device, idx, m > 0, batch_size=batch_size) for m, idx in enumerate(parts)]
+    return torch.cat(feats), torch.from_numpy(data.labels[np.concatenate(parts)]).to(device)
 
 
 @torch.no_grad()
@@ -214,17 +220,9 @@ def teacher_targets(net: nn.Module, data: TrainData, device: torch.device,
     only (a chip network's frozen-prefix activations). The network is left in train mode."""
     if not data.mirrored:
         raise ValueError("train.distill needs train.init (a pretrained chip network's mirrored caches)")
-    net.eval()
-    out = None
-    for s in range(0, len(data), batch_size):
-        b = np.arange(s, min(s + batch_size, len(data)))
-        for flip in (0, 1):
-            x = torch.from_numpy(data.gather(b, np.zeros(len(b), bool), np.full(len(b), bool(flip)))).to(device)
-            f = net(x.float()).float().cpu().numpy()
-            if out is None:
-                out = np.empty((len(data), 2, f.shape[1]), np.float32)
-            out[b, flip] = f
-    net.train()
+    idx = np.arange(len(data))
+    out = np.stack([_sample_features(net, data, device, idx, False, flip, batch_size).cpu().numpy()
+                    for flip in (False, True)], axis=1)
     flat = out.reshape(-1, out.shape[2]).astype(np.float64)
     return out, float(((flat - flat.mean(axis=0)) ** 2).sum(axis=1).mean())
 
@@ -589,14 +587,10 @@ def _step(run: Run, model: nn.Module, it: int, xb: torch.Tensor, yb: torch.Tenso
         x = preprocess(x)
     if not run.cfg["channels_last"]:
         x = x.contiguous()
+    logits, feat = model(x, y, it + 1, with_features=True)
+    loss = total = F.cross_entropy(logits, y)
     distill = None
-    if tb is None:
-        logits = model(x, y, it + 1)
-        loss = F.cross_entropy(logits, y)
-        total = loss
-    else:
-        logits, feat = model(x, y, it + 1, with_features=True)
-        loss = F.cross_entropy(logits, y)
+    if tb is not None:
         distill = distill_term(feat, tb.to(run.device, non_blocking=True), run.distill_variance)
         total = loss + float(run.cfg["distill"]) * distill
     run.opt.zero_grad(set_to_none=True)
