@@ -223,6 +223,12 @@ def embedders(device: str, crops: list[dict], dry: bool) -> dict:
     return {"faces": len(faces), **out}
 
 
+def _cos_stats(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mean and minimum cosine of the row pairs of ``a`` and ``b``."""
+    c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"mean": float(c.mean()), "min": float(c.min())}
+
+
 def reference(device: str, recs: list[dict], lfw: Path, dry: bool) -> dict:
     """The reference network (dlib-resnet, the torch module): GPU throughput in fp32 / bf16 / fp16 and the
     agreement of each with the CPU fp32 descriptors and with dlib's own run, on dlib chips of LFW faces."""
@@ -240,11 +246,7 @@ def reference(device: str, recs: list[dict], lfw: Path, dry: bool) -> dict:
     with torch.inference_mode():
         d_cpu = cpu_net(cpu_net.to_input(chips)).numpy()
 
-    def cos(a, b):
-        c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        return {"mean": float(c.mean()), "min": float(c.min())}
-
-    out = {"faces": len(chips), "cpu_vs_dlib": cos(d_cpu[:64], d_dlib)}
+    out = {"faces": len(chips), "cpu_vs_dlib": _cos_stats(d_cpu[:64], d_dlib)}
     if device == "cpu":
         return out
     from maskface.devices import precision_policy
@@ -262,7 +264,7 @@ def reference(device: str, recs: list[dict], lfw: Path, dry: bool) -> dict:
                 y = net(x)
             torch.cuda.synchronize()
             rate = reps * len(x) / (time.perf_counter() - t0)
-        out[name] = {"img_s": rate, "vs_cpu_fp32": cos(y.float().cpu().numpy(), d_cpu)}
+        out[name] = {"img_s": rate, "vs_cpu_fp32": _cos_stats(y.float().cpu().numpy(), d_cpu)}
     emb = make_embedder("dlib-resnet", device=device, flip=True, batch_size=256)
     t0 = time.perf_counter()
     emb.embed(faces)
@@ -287,7 +289,7 @@ def chip_fine_tune(device: str, recs: list[dict], lfw: Path, dry: bool) -> dict:
     features against the same run on the CPU in fp32."""
     import pandas as pd
 
-    from maskface.dlibnet import DlibResnet
+    from maskface.chipcache import build_prefix_cache
     from maskface.features import FaceInput, load_checkpoint, make_embedder
     from maskface.imageio import load_rgb
     from maskface.train import train_run
@@ -298,18 +300,14 @@ def chip_fine_tune(device: str, recs: list[dict], lfw: Path, dry: bool) -> dict:
                                                    r.get("bbox")) for r in ok])
     masked = chips.copy()
     masked[:, 85:135, 25:125] = 128
-    net = DlibResnet.from_dlib_file().eval()
-
-    def prefix(c):
-        with torch.inference_mode():
-            return np.stack([net.prefix(net.to_input(x), k).numpy() for x in (c, np.ascontiguousarray(c[:, :, ::-1]))],
-                            axis=1).astype(np.float16)
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         ids = [r["image_id"] for r in ok]
-        for name, c in (("clean", chips), ("masked", masked)):
-            np.save(t / f"{name}.npy", prefix(c))
-            pd.DataFrame({"image_id": ids, "row": np.arange(len(ids))}).to_parquet(t / f"{name}.parquet")
+        for name, c in (("clean", chips), ("masked", masked)):     # the workflow's own prefix cache
+            np.save(t / f"chips-{name}.npy", c)
+            pd.DataFrame({"image_id": ids, "row": np.arange(len(ids))}).to_parquet(t / f"chips-{name}.parquet")
+            build_prefix_cache((str(t / f"chips-{name}.npy"), str(t / f"chips-{name}.parquet")), t / f"{name}.npy",
+                               t / f"{name}.parquet", init="dlib-resnet", frozen_blocks=k, device=device)
         man = pd.DataFrame({"image_id": ids, "identity": [i.split("/")[0] for i in ids], "status": "ok"})
         src = {"dataset": "lfw", "manifest": man, "clean": (str(t / "clean.npy"), str(t / "clean.parquet")),
                "masked": (str(t / "masked.npy"), str(t / "masked.parquet"))}
@@ -334,10 +332,8 @@ def chip_fine_tune(device: str, recs: list[dict], lfw: Path, dry: bool) -> dict:
     out = {"images": len(ok), "frozen_blocks": k,
            **{dev: {key: v for key, v in r.items() if key != "feat"} for dev, r in runs.items()}}
     if device != "cpu":
-        a, b = runs[device]["feat"], runs["cpu"]["feat"]
-        c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         la, lb = np.array(runs[device]["loss"]), np.array(runs["cpu"]["loss"])
-        out["gpu_vs_cpu"] = {"feature_cosine_min": float(c.min()), "feature_cosine_mean": float(c.mean()),
+        out["gpu_vs_cpu"] = {"feature_cosine": _cos_stats(runs[device]["feat"], runs["cpu"]["feat"]),
                              "loss_max_rel_diff": float((np.abs(la - lb) / np.maximum(np.abs(lb), 1e-9)).max())}
     return out
 
