@@ -75,9 +75,11 @@ def main() -> int:
     if args.reuse and (tv / "spec.json").exists():
         doc = read_json(tv / "spec.json")
     else:
-        doc = build_test_video(_people_subset(args, args.video_folds, out / "video_people"), tv, dict(
+        doc = build_test_video(Path(args.lfw) / "images_deepfunneled", tv, dict(
             seconds=args.seconds, fps=args.fps, width=args.width, height=args.height, n_known=args.n_known,
-            n_unknown=args.n_unknown, appearance_s=args.appearance_s, masked_fraction=args.masked, seed=args.seed))
+            n_unknown=args.n_unknown, appearance_s=args.appearance_s, masked_fraction=args.masked, seed=args.seed),
+            only_people=_fold_people(args, args.video_folds),
+            people_note=f"the people of pairs.txt folds {args.video_folds}" if args.video_folds else "")
     t_build = time.perf_counter() - t0
     cfg = D.DemoConfig(threshold=args.threshold, batch_size=args.batch_size)
     rows = []
@@ -89,8 +91,7 @@ def main() -> int:
         if args.calibrate_folds:
             embedder = embedder_from_model(model, "auto")
             cal = D.calibrate_on_lfw(Path(args.lfw) / "images_deepfunneled", D.make_detector(cfg), embedder,
-                                     args.far, exclude=_fold_people(args, None, exclude=args.calibrate_folds),
-                                     progress=False)
+                                     args.far, only=_fold_people(args, args.calibrate_folds), progress=False)
             source = {"kind": "calibrate_on_lfw", "folds": args.calibrate_folds, **cal}
             cfg_run = replace(cfg, threshold=cal["threshold"])
             log.info("%s: threshold %.4f at FAR %g on folds %s (%d people, TAR %.3f)", name, cal["threshold"],
@@ -124,31 +125,13 @@ def main() -> int:
     return 0
 
 
-def _fold_people(args, folds: str | None, exclude: str | None = None) -> list[str]:
-    """The people of the given folds of LFW's pairs.txt; with ``exclude`` instead, every LFW person outside
-    those folds (for calibrate_on_lfw's ``exclude``)."""
-    from maskface.datasets import lfw_people, parse_pairs
+def _fold_people(args, folds: str | None) -> set[str] | None:
+    """The people of these folds (comma-separated) of LFW's pairs.txt; None without folds (every person)."""
+    from maskface.datasets import parse_pairs
 
-    pairs = parse_pairs(Path(args.lfw) / "pairs.txt")
-    wanted = {int(k) for k in (folds or exclude).split(",")}
-    sel = pairs[pairs["fold"].isin(wanted)]
-    people = {i.split("/")[0] for i in pd.concat([sel["a"], sel["b"]])}
-    if exclude is None:
-        return sorted(people)
-    return sorted(set(lfw_people(Path(args.lfw) / "images_deepfunneled")) - people)
-
-
-def _people_subset(args, folds: str | None, where: Path) -> Path:
-    """The LFW images folder, or with ``folds`` a folder of links to those folds' people only."""
-    root = Path(args.lfw) / "images_deepfunneled"
     if not folds:
-        return root
-    where.mkdir(parents=True, exist_ok=True)
-    for p in _fold_people(args, folds):
-        link = where / p
-        if not link.exists():
-            link.symlink_to((root / p).resolve(), target_is_directory=True)
-    return where
+        return None
+    return D.fold_people(parse_pairs(Path(args.lfw) / "pairs.txt"), [int(k) for k in folds.split(",")])
 
 
 if __name__ == "__main__":

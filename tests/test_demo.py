@@ -157,6 +157,87 @@ def test_built_in_threshold_only_for_the_settings_it_was_measured_with():
         D.resolve_threshold(None, Emb())
 
 
+def _lfw_trained_checkpoint(path: Path, fold: int, validation: str = "next_fold", dataset: str = "lfw") -> dict:
+    """dlib's network saved as a model fine-tuned on ``dataset`` under LFW's unrestricted protocol for ``fold``
+    (the meta maskface.train writes; the weights are dlib's own, which is all the demo's checks read)."""
+    from maskface.chipcache import save_chip_model
+    from maskface.dlibnet import DlibResnet
+
+    net = DlibResnet.from_dlib_file(None)
+    save_chip_model(path, net, {"mean": net.input_mean.tolist(), "std": [256.0] * 3},
+                    {"protocol": "lfw_unrestricted", "fold": fold, "validation": validation, "datasets": [dataset]},
+                    eval={"mean_subtraction": True, "metric": "cosine"})
+    return {"name": "ft", "embedder": "dlib-resnet", "checkpoint": str(path)}
+
+
+def test_a_model_fine_tuned_on_lfw_meets_only_people_it_never_trained_on(tmp_path):
+    """model_held_out reads the folds a fine-tune never trained on from its meta (test fold + validation fold,
+    the last fold wrapping to the first); check_never_trained_on stops on anyone else, naming the key."""
+    from maskface.datasets import parse_pairs
+
+    lines = ["3\t1"]
+    for k in (1, 2, 3):     # fold k: people Ak, Bk (matched pair of Ak, mismatched Ak-Bk)
+        lines += [f"A{k}\t1\t2", f"A{k}\t1\tB{k}\t1"]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    pairs = parse_pairs(tmp_path / "pairs.txt")
+    assert D.fold_people(pairs, [1, 3]) == {"A1", "B1", "A3", "B3"}
+    ft = _lfw_trained_checkpoint(tmp_path / "ft.pt", fold=3)
+    assert D.model_held_out(ft, "lfw", pairs) == [3, 1]                       # wraps to fold 1
+    assert D.model_held_out(ft, "other", pairs) is None                       # trained on another set's people
+    assert D.model_held_out({"embedder": "dlib-resnet"}, "lfw", pairs) is None
+    one = _lfw_trained_checkpoint(tmp_path / "one.pt", fold=2, validation="none")
+    assert D.model_held_out(one, "lfw", pairs) == [2]
+    D.check_never_trained_on(ft, "lfw", pairs, ["A3", "B1"], "test video's people", "demo.video_folds")
+    D.check_never_trained_on({"embedder": "dlib-resnet"}, "lfw", pairs, ["A2"], "people", "demo.video_folds")
+    D.check_evaluation_threshold({"embedder": "dlib-resnet"}, "lfw", pairs)
+    with pytest.raises(D.DemoError, match=r"threshold_from evaluation.*calibration_folds: \[1\]"):
+        D.check_evaluation_threshold(ft, "lfw", pairs)
+    with pytest.raises(D.DemoError, match=r"trained on the lfw people outside folds \[3, 1\]; 2 of the 3 test "
+                                          r"video's people .*Set demo.video_folds"):
+        D.check_never_trained_on(ft, "lfw", pairs, ["A3", "A2", "Nobody"], "test video's people",
+                                 "demo.video_folds")
+
+
+@pytest.mark.slow
+def test_snakemake_demo_calibrates_a_fine_tuned_model_on_its_held_out_people(lfw, tmp_path):
+    """`snakemake demo_threshold` with a model fine-tuned on LFW: calibrating on every LFW person stops with the
+    key to set; demo.calibration_folds [its validation fold] calibrates on that fold's people only. The demo
+    on a test video of people it trained on stops likewise; demo.video_folds [its test fold] runs."""
+    from conftest import snakemake_run
+    from maskface.datasets import parse_pairs
+
+    model = _lfw_trained_checkpoint(tmp_path / "ft.pt", fold=1)
+    cfg = {"datasets": {"lfw": {"source": str(lfw), "format": "lfw", "role": "test", "md5": None,
+                                "images_subdir": "images_deepfunneled", "pairs": str(lfw / "pairs.txt")}},
+           "train": {"max_cpu_hours": 10 ** 6},
+           "evaluate": {"models": {"ft": {k: v for k, v in model.items() if k != "name"}}},
+           "demo": {"model": "ft", "calibration_people": 12, "device": "cpu"}}
+    (tmp_path / "config.yaml").write_text(json.dumps(cfg))
+    res = snakemake_run(tmp_path, "demo_threshold", "--configfile", str(tmp_path / "config.yaml"), check=False)
+    log = (tmp_path / "results/logs/demo/threshold.log").read_text()
+    assert res.returncode != 0 and "Set demo.calibration_folds to folds it never trained on" in log, log[-2000:]
+    cfg["demo"]["calibration_folds"] = [2]
+    (tmp_path / "config.yaml").write_text(json.dumps(cfg))
+    snakemake_run(tmp_path, "demo_threshold", "--configfile", str(tmp_path / "config.yaml"))
+    doc = json.loads((tmp_path / "results/demo/threshold.json").read_text())
+    assert doc["folds"] == [2] and doc["people"] >= 10 and doc["n_impostor"] == doc["people"] * (doc["people"] - 1) // 2
+    assert -1 <= doc["threshold"] <= 1
+    fold2 = D.fold_people(parse_pairs(lfw / "pairs.txt"), [2])
+    assert len(doc["drawn"]) == 12 and set(doc["drawn"]) <= fold2 and len(fold2) > 12
+    # the demo on the test video (a fixed threshold: no threshold job): its people must be of fold 1
+    cfg["demo"].update(threshold=0.5, test_video={k: SMALL[k] for k in SMALL if k != "masked_fraction"} | {"seconds": 1})
+    (tmp_path / "config.yaml").write_text(json.dumps(cfg))
+    res = snakemake_run(tmp_path, "demo", "--configfile", str(tmp_path / "config.yaml"), check=False)
+    log = (tmp_path / "results/logs/demo/run.log").read_text()
+    assert res.returncode != 0 and "test video's people are among them" in log and "Set demo.video_folds" in log, log[-2000:]
+    cfg["demo"]["video_folds"] = [1]
+    (tmp_path / "config.yaml").write_text(json.dumps(cfg))
+    snakemake_run(tmp_path, "demo", "--configfile", str(tmp_path / "config.yaml"))
+    spec = json.loads((tmp_path / "results/demo/testvideo/spec.json").read_text())
+    assert set(spec["known"]) | set(spec["unknown"]) <= D.fold_people(parse_pairs(lfw / "pairs.txt"), [1])
+    assert json.loads((tmp_path / "results/demo/run/metrics.json").read_text())
+
+
 def test_threshold_from_evaluation_features(tmp_path):
     from maskface.features import features_frame, write_features
     rng = np.random.default_rng(0)
@@ -215,14 +296,18 @@ def test_snakemake_demo_dry_run_and_not_in_all(tmp_path):
         assert rule in res.stdout
     res = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "demo_run" not in res.stdout
-    for thr, ok in ((0.9, True), (3, False)):
-        (work / "over.yaml").write_text(json.dumps({"demo": {"threshold": thr}}))
+    for over, ok in (({"threshold": 0.9}, True), ({"threshold": 3}, False),
+                     ({"video_folds": [1], "calibration_folds": [1]}, True), ({"video_folds": [0]}, False)):
+        thr = over.get("threshold")
+        (work / "over.yaml").write_text(json.dumps({"demo": over}))
         res = subprocess.run(base + ["demo", "--configfile", str(work / "config.yaml"), str(work / "over.yaml")],
                              capture_output=True, text=True, timeout=300)
         if ok:   # a configured threshold: no threshold job
-            assert res.returncode == 0 and "demo_threshold" not in res.stdout, res.stderr[-2000:]
-        else:    # out of [-1, 1]: stopped by the schema, naming the key
+            assert res.returncode == 0 and ("demo_threshold" in res.stdout) == (thr is None), res.stderr[-2000:]
+        elif thr is not None:    # out of [-1, 1]: stopped by the schema, naming the key
             assert res.returncode != 0 and "demo.threshold: 3 is greater than the maximum of 1" in res.stdout + res.stderr
+        else:    # folds count from 1
+            assert res.returncode != 0 and "demo.video_folds" in res.stdout + res.stderr
 
 
 # ------------------------------------------------------------------------------------------- real LFW
@@ -258,6 +343,19 @@ def test_test_video_and_ground_truth(small_run, lfw):
         assert (root / "tv" / "gallery" / p / Path(fs[0]).name).read_bytes() == (lfw / "images_deepfunneled" / fs[0]).read_bytes()
     x1, y1, x2, y2 = np.stack(gt["bbox"]).T
     assert (x2 > x1).all() and (y2 > y1).all() and (x1 > -5).all() and (x2 < 325).all()
+
+
+def test_test_video_people_from_chosen_folds(lfw, tmp_path):
+    """only_people (demo.video_folds): gallery and unknown people are all of the given folds' people."""
+    from maskface.datasets import parse_pairs
+
+    fold1 = D.fold_people(parse_pairs(lfw / "pairs.txt"), [1])
+    doc = build_test_video(lfw / "images_deepfunneled", tmp_path / "tv", {**SMALL, "seconds": 1},
+                           only_people=fold1, people_note="the people of pairs.txt folds [1]")
+    assert set(doc["known"]) | set(doc["unknown"]) <= fold1 and len(doc["known"]) == 3
+    assert doc["people_from"] == "the people of pairs.txt folds [1]"
+    gt = pd.read_parquet(tmp_path / "tv" / "ground_truth.parquet")
+    assert set(gt["identity"]) <= fold1
 
 
 def test_demo_outputs(small_run):

@@ -398,9 +398,10 @@ def threshold_at_far_scores(impostor: np.ndarray, far: float) -> float:
 
 
 def calibrate_on_lfw(images_root: str | os.PathLike, detector, embedder, far: float, *, people: int = 400,
-                     seed: int = 0, exclude: Sequence[str] = (), progress: bool = True) -> dict:
+                     seed: int = 0, exclude: Sequence[str] = (), only: Optional[Sequence[str]] = None,
+                     progress: bool = True) -> dict:
     """A threshold at ``far`` without the evaluation stage: one photograph each of ``people`` LFW people
-    (seeded draw, people in ``exclude`` left out) is detected (the most central face, as stage 1 does for
+    (seeded draw among ``only`` when given, people in ``exclude`` left out) is detected (the most central face, as stage 1 does for
     LFW) and embedded; every cross-person pair is an impostor pair (people*(people-1)/2 of them, so FARs
     down to ~1e-4 are resolved). For people with a second photograph, that one against the first gives the
     genuine pairs (TAR at the threshold)."""
@@ -410,7 +411,9 @@ def calibrate_on_lfw(images_root: str | os.PathLike, detector, embedder, far: fl
         raise ValueError(f"far {far!r}: must be in [0, 1)")
     root = Path(images_root)
     allp = lfw_people(root)
-    names = sorted(set(allp) - set(exclude))
+    names = sorted((set(allp) if only is None else set(allp) & set(only)) - set(exclude))
+    if not names:
+        raise DemoError(f"calibration: no LFW person of {root} left to draw from")
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(names, min(people, len(names)), replace=False).tolist())
     items = []   # (person, file, role)
@@ -441,8 +444,65 @@ def calibrate_on_lfw(images_root: str | os.PathLike, detector, embedder, far: fl
     return {"threshold": t, "far_target": float(far), "far_achieved": float((imp >= t).mean()),
             "tar": float((gen >= t).mean()) if len(gen) else None, "n_impostor": int(len(imp)),
             "n_genuine": int(len(gen)), "people": len(a_idx), "seed": seed, "images_root": str(root),
+            "drawn": chosen,
             "scoring": "cosine on L2-normalised features, no mean subtraction",
             "impostor_quantiles": {q: float(np.quantile(imp, q)) for q in (0.5, 0.9, 0.99, 0.999)}}
+
+
+# ---------------------------------------------------------------------- people a model never trained on
+
+def fold_people(pairs: pd.DataFrame, folds: Sequence[int]) -> set[str]:
+    """The people of these folds of LFW's pairs (pairs.txt parsed by maskface.datasets.parse_pairs)."""
+    from .train_data import fold_identities
+
+    return set().union(*(fold_identities(pairs, int(k)) for k in folds)) if len(folds) else set()
+
+
+def model_held_out(model: Optional[Mapping[str, Any]], dataset: str, pairs: pd.DataFrame
+                   ) -> Optional[list[int]]:
+    """The LFW folds whose people a model was never trained on, for a model trained on ``dataset`` under LFW's
+    unrestricted protocol (maskface.train, ``lfw_unrestricted``: its test fold, and its validation fold under
+    ``train.validation: next_fold``); None for a model that did not train on ``dataset``'s people (dlib's,
+    or one trained on another set)."""
+    ckpt = (model or {}).get("checkpoint")
+    if not ckpt:
+        return None
+    import torch
+
+    meta = (torch.load(ckpt, map_location="cpu", weights_only=False) or {}).get("meta") or {}
+    if meta.get("protocol") != "lfw_unrestricted" or dataset not in (meta.get("datasets") or []):
+        return None
+    from .train_data import validation_fold
+
+    fold = int(meta["fold"])
+    return [fold] + ([validation_fold(pairs, fold)] if meta.get("validation") == "next_fold" else [])
+
+
+def check_evaluation_threshold(model: Optional[Mapping[str, Any]], dataset: str, pairs: pd.DataFrame) -> None:
+    """Stop (DemoError) when the threshold would come from the evaluation's view-2 pairs (every fold) of a model
+    fine-tuned on ``dataset``: most of those pairs are of its training people."""
+    held = model_held_out(model, dataset, pairs)
+    if held is not None:
+        raise DemoError(f"demo.threshold_from evaluation: demo.model {(model or {}).get('name', '')!r} was trained "
+                        f"on the {dataset} people outside folds {held}, whose pairs the evaluation scores; use "
+                        f"threshold_from lfw_sample with demo.calibration_folds: [{held[-1]}]")
+
+
+def check_never_trained_on(model: Optional[Mapping[str, Any]], dataset: str, pairs: pd.DataFrame,
+                           people: Sequence[str], what: str, key: str) -> None:
+    """Stop (DemoError) when ``people`` (the test video's, or the threshold's calibration people) include people
+    ``model`` trained on: its open-set rates or its threshold would be measured on its own training identities.
+    ``key``: the config key that picks those people's folds, named in the message."""
+    held = model_held_out(model, dataset, pairs)
+    if held is None:
+        return
+    seen = sorted(set(people) - fold_people(pairs, held))
+    if seen:
+        raise DemoError(
+            f"demo.model {(model or {}).get('name', '')!r} ({model['checkpoint']}) was trained on the {dataset} "
+            f"people outside folds {held}; {len(seen)} of the {len(set(people))} {what} are among them "
+            f"(e.g. {seen[0]}). Set {key} to folds it never trained on ({held[0]} for the video, "
+            f"{held[-1]} for the threshold).")
 
 
 # Cosine thresholds at LFW FAR 1e-3 (per comparison), measured with calibrate_on_lfw (400 LFW people, seed 0,

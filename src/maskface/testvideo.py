@@ -50,7 +50,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
 
 import cv2
 import numpy as np
@@ -362,14 +362,20 @@ def render_video(spec: VideoSpec, apps: list[dict], bg: np.ndarray, path: str | 
 # ----------------------------------------------------------------------------------------- builder
 
 def build_test_video(images_root: str | os.PathLike, out_dir: str | os.PathLike,
-                     spec: VideoSpec | Mapping[str, Any] | None = None, *, detector=None) -> dict:
+                     spec: VideoSpec | Mapping[str, Any] | None = None, *, detector=None,
+                     only_people: Optional[Iterable[str]] = None, people_note: str = "") -> dict:
     """Build the test video, gallery and ground truth under ``out_dir`` (see module docstring).
-    Returns the spec.json document."""
+    ``only_people``: draw the gallery and unknown people among these LFW people only (e.g. the folds a
+    fine-tuned model never trained on; ``people_note`` says which, in spec.json). Returns the spec.json
+    document."""
     spec = spec if isinstance(spec, VideoSpec) else VideoSpec.from_mapping(spec, strict=True)
     spec.validate()
     out = Path(out_dir)
     root = Path(images_root)
     people = lfw_people(root)
+    if only_people is not None:
+        keep = set(only_people)
+        people = {p: f for p, f in people.items() if p in keep}
     rng = np.random.default_rng(spec.seed)
     masker, why = _masker(spec)
     known, unknown, gallery, apps = plan_appearances(spec, people, rng, masker is not None)
@@ -388,6 +394,7 @@ def build_test_video(images_root: str | os.PathLike, out_dir: str | os.PathLike,
         "spec": asdict(spec), "images_root": str(root), "n_frames": spec.n_frames,
         "gallery": {p: gallery[p] for p in known}, "known": known, "unknown": unknown,
         "masks_available": masker is not None, "masks_reason": why,
+        "people_from": people_note or ("every LFW person" if only_people is None else "a subset of LFW's people"),
         "appearances": [{k: v for k, v in a.items() if not k.startswith("_")} for a in apps],
         "counts": _counts(gt, apps),
         "video": "video.mp4", "ground_truth": "ground_truth.parquet", "gallery_dir": "gallery",

@@ -477,14 +477,16 @@ def demo_settings():
 def threshold_inputs(wc):
     lfw = demo_lfw()
     if DEMO["threshold_from"] == "evaluation":
-        return {"features": features(features_model(DEMO["model"]), lfw, "clean"), "pairs": pairs_manifest(lfw)}
+        return {"features": features(features_model(DEMO["model"]), lfw, "clean"), "pairs": pairs_manifest(lfw),
+                "json": dataset_json(lfw)}
     return {"json": dataset_json(lfw)}
 
 
 def demo_inputs(wc):
     inp = {}
     if DEMO_BUILD:
-        inp.update(video=f"{DEMO_TV}/video.mp4", gallery=f"{DEMO_TV}/gallery", gt=f"{DEMO_TV}/ground_truth.parquet")
+        inp.update(video=f"{DEMO_TV}/video.mp4", gallery=f"{DEMO_TV}/gallery", gt=f"{DEMO_TV}/ground_truth.parquet",
+                   lfw=dataset_json(demo_lfw()))
     else:
         inp["video"] = DEMO["video"]
         inp["gallery"] = DEMO["gallery"] or f"{DEMO_TV}/gallery"

@@ -19,6 +19,7 @@ rule demo_test_video:
         gallery=directory(f"{DEMO_TV}/gallery"),
     params:
         spec=lambda wc: as_param({**DEMO["test_video"], "masked_fraction": DEMO["masked_probes"]}),
+        folds=DEMO["video_folds"],
         code=DEMO_CODE,
     conda:
         "../../envs/maskface.yaml"
@@ -44,6 +45,8 @@ rule demo_threshold:
         far=DEMO["far"],
         source=DEMO["threshold_from"],
         people=DEMO["calibration_people"],
+        folds=DEMO["calibration_folds"],
+        dataset=demo_lfw(),
         model=lambda wc: as_param(demo_model()),
         cfg=demo_settings(),
         code=DEMO_CODE,
@@ -70,6 +73,7 @@ rule demo_run:
     params:
         out=lambda wc, output: os.path.dirname(output[0]),   # the demo's output folder
         threshold=DEMO["threshold"],
+        dataset=demo_lfw() if DEMO_BUILD else None,
         model=lambda wc: as_param(demo_model()),
         cfg=demo_settings(),
         device=DEMO["device"],
