@@ -18,7 +18,7 @@ from maskface.dlibnet import DlibResnet, DlibResnetTop
 from maskface.foldeval import lfw_evaluation
 from maskface.train import lr_multiplier, make_schedule, param_groups, train_run
 from maskface.train_config import merged
-from maskface.train_data import TrainData, build_data, held_out_folds, validation_fold
+from maskface.train_data import StreamSampler, TrainData, build_data, held_out_folds, validation_fold
 
 torch.set_num_threads(2)
 
@@ -95,6 +95,35 @@ def test_mirrored_caches_serve_the_mirror_row_and_the_masked_one(tmp_path):
     assert [float(o[0, 0, 0]) for o in out] == [-5.0, 106.0, 0.0, 99.0]
     with pytest.raises(ValueError, match="does not match"):
         TrainData.from_sources([_mirrored(tmp_path)], mirrored=False)      # not 112x96 crops
+
+
+def test_masked_variants_serve_the_variant_the_stream_drew(tmp_path):
+    """A masked cache of three variants (index column ``variant``, variant after variant): gather takes the
+    row of the asked variant, default the mask stage's (0); the stream draws variants uniformly among the
+    samples served masked, seeded; one variant gives the stream it gave before variants existed."""
+    src = _mirrored(tmp_path)
+    n, m = 8, 7
+    arr = np.load(tmp_path / "m.npy")
+    np.save(tmp_path / "m3.npy", np.concatenate([arr, arr + np.float16(100), arr + np.float16(200)]))
+    idx = pd.read_parquet(tmp_path / "m.parquet")
+    pd.DataFrame({"image_id": list(idx["image_id"]) * 3, "variant": np.repeat(np.arange(3), m),
+                  "row": np.arange(3 * m)}).to_parquet(tmp_path / "m3.parquet")
+    data = TrainData.from_sources([dict(src, masked=(tmp_path / "m3.npy", tmp_path / "m3.parquet"))],
+                                  mirrored=True, need_masked=True)
+    assert data.variants == 3 and data.masked_row.shape == (n, 3) and not data.has_masked[0]
+    pick = np.array([3, 5, 2])      # 3 = P1_0005 (value 5), 5 = P2_0006 (6), 2 = P1_0001 (1)
+    out = data.gather(pick, np.ones(3, bool), np.zeros(3, bool), variant=np.array([2, 0, 1]))
+    assert [float(o[0, 0, 0]) for o in out] == [305.0, 106.0, 201.0]
+    assert [float(o[0, 0, 0]) for o in data.gather(pick, np.ones(3, bool))] == [105.0, 106.0, 101.0]
+    has = np.ones(3000, bool)
+    s3 = StreamSampler(3000, 5, 0.5, has, True, variants=3)
+    i3, m3, f3, v3 = s3.take(0, 6000)
+    assert set(np.unique(v3)) == {0, 1, 2} and all(0.3 < (v3[m3] == k).mean() < 0.37 for k in range(3))
+    i1, m1, f1, v1 = StreamSampler(3000, 5, 0.5, has, True).take(0, 6000)
+    for a, b in ((i1, i3), (m1, m3), (f1, f3)):                  # the variant draw comes last
+        np.testing.assert_array_equal(a, b)
+    assert not v1.any()
+    np.testing.assert_array_equal(StreamSampler(3000, 5, 0.5, has, True, variants=3).take(2500, 1000)[3], v3[2500:3500])
 
 
 def test_validation_fold_people_never_train(tmp_path):
@@ -269,6 +298,7 @@ def test_fine_tune_through_snakemake_on_real_faces(lfw, tmp_path):
                   "folds": [1], "validation": "next_fold", "init": "dlib-resnet", "frozen_blocks": 12,
                   "head": {"type": "cosface"}, "center_features": True, "head_init": "class_means",
                   "optimizer": "adamw", "lr": 1e-4, "lr_mult": {"head": 10}, "lr_schedule": "cosine", "distill": 5,
+                  "mask_variants": 2,
                   "iterations": 4, "batch_size": 8, "min_images": 2, "device": "cpu", "threads": 2,
                   "checkpoint_every": 2, "log_every": 2, "eval_batch_size": 8},
     }
@@ -280,8 +310,17 @@ def test_fine_tune_through_snakemake_on_real_faces(lfw, tmp_path):
     masked = pd.read_parquet(res / "train_cache/tinylfw/chips-masked.parquet")
     mask_ok = pd.read_parquet(res / "manifests/tinylfw/masked.parquet").query("status == 'ok'")
     assert set(masked["image_id"]) == set(mask_ok["image_id"])       # a skipped mask gets no masked chip
+    # mask_variants 2: the stage's own masks (variant 0), then a second draw on the same faces (variant 1)
+    n_m = len(mask_ok)
+    assert list(masked["variant"]) == [0] * n_m + [1] * n_m and list(masked["row"]) == list(range(2 * n_m))
+    assert list(masked["image_id"][:n_m]) == list(masked["image_id"][n_m:])
+    chips_m = np.load(res / "train_cache/tinylfw/chips-masked.npy", mmap_mode="r").astype(np.float32)
+    diff = np.abs(chips_m[:n_m] - chips_m[n_m:])
+    upper, lower = diff[:, :45].mean((1, 2, 3)), diff[:, 95:].mean((1, 2, 3))
+    assert np.median(lower) > 5 and np.median(upper) < np.median(lower) / 3, (upper, lower)
     pre = np.load(res / "train_cache/tinylfw/prefix-clean.npy", mmap_mode="r")
     assert pre.shape == (36, 2, 256, 4, 4) and pre.dtype == np.float16
+    assert np.load(res / "train_cache/tinylfw/prefix-masked.npy", mmap_mode="r").shape == (2 * n_m, 2, 256, 4, 4)
     for group in ("tft-m50", "tft-m0"):
         fe = json.loads((res / f"models/{group}-fold1-seed1/fold_eval.json").read_text())
         assert fe["validation_fold"] == 2 and set(fe["protocols"]) == {"clean", "mixed", "masked"}

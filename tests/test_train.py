@@ -94,7 +94,7 @@ def test_cache_rejects_wrong_crop_size(tmp_path):
 def test_stream_epochs_are_permutations_and_deterministic():
     has = np.ones(10, bool)
     s = StreamSampler(10, 7, 0.5, has, True)
-    idx, msk, flp = s.take(0, 30)
+    idx, msk, flp, _ = s.take(0, 30)
     for e in range(3):
         assert sorted(idx[10 * e:10 * e + 10]) == list(range(10))
     assert not np.array_equal(idx[:10], idx[10:20])  # fresh each epoch
@@ -113,7 +113,7 @@ def test_stream_mask_fraction_is_per_sample_and_respects_missing_masks():
     has = np.ones(n, bool)
     has[:1000] = False
     s = StreamSampler(n, 1, 0.5, has, False)
-    idx, msk, flp = s.take(0, 2 * n)
+    idx, msk, flp, _ = s.take(0, 2 * n)
     assert not flp.any()
     assert not msk[np.isin(idx, np.arange(1000))].any()
     share = msk[~np.isin(idx, np.arange(1000))].mean()
@@ -603,6 +603,9 @@ def test_presets_and_mask_fraction_groups():
     with pytest.raises(ValueError, match="distill 1.0 needs train.init"):
         with_preset({"distill": 1.0}, gpu_here=False)
     assert with_preset({"distill": 1.0, "init": "dlib-resnet"}, gpu_here=False)["distill"] == 1.0
+    with pytest.raises(ValueError, match="mask_variants 3 needs train.init"):
+        with_preset({"mask_variants": 3}, gpu_here=False)
+    assert with_preset({"mask_variants": 3, "init": "dlib-resnet"}, gpu_here=False)["mask_variants"] == 3
     runs = run_names({**cpu, "mask_fractions": [0.5, 0.0]})
     assert runs == {"sphereface-cpu-m50-fold1-seed1": {"fold": 1, "seed": 1, "mask_fraction": 0.5,
                                                        "group": "sphereface-cpu-m50"},

@@ -9,7 +9,10 @@ Chips (``build_chip_cache``)
     own code (maskface.features: the stage-1 MTCNN box mapped to dlib's convention, dlib's 5 landmarks in it,
     ``get_face_chip(150, 0.25)``; no detection: the centred fallback box). ``masked``: the same photo with
     the mask stage's mask redrawn in it first (``MaskedSourceLoader``), as the evaluation's masked variant; an
-    image the mask stage skipped has no masked chip. Chips are cut in worker processes.
+    image the mask stage skipped has no masked chip. With ``train.mask_variants`` V > 1 the masked cache holds
+    V chips per image, variant after variant (index column ``variant``): the stage's own mask (0, the only one
+    the evaluation uses: :func:`stage_masks`) and V - 1 masks drawn afresh on the same landmarks
+    (:func:`restyled`). Chips are cut in worker processes.
 
 Frozen prefix (``build_prefix_cache``)
     ``results/train_cache/{dataset}/prefix-{variant}.npy``: (N, 2, C, H, W) float16, the output of the stem
@@ -98,15 +101,39 @@ def open_chips(npy_path: str | os.PathLike, index_path: str | os.PathLike) -> tu
     return arr, index
 
 
+def restyled(load, k: int):
+    """A masked-source loader (maskface.features.MaskedSourceLoader) for the same faces and landmarks with masks
+    of another draw: type, wear, colour, texture and every shape parameter drawn afresh from mask seed + ``k``
+    (``k`` >= 1; ``train.mask_variants``). ``load`` itself draws the mask stage's own masks (``k`` = 0)."""
+    from dataclasses import replace
+
+    from .features import MaskedSourceLoader
+
+    masks = {i: {**m, "mask_type": None, "wear": None, "mask_color": None, "mask_texture": None}
+             for i, m in load.masks.items()}
+    return MaskedSourceLoader(load.images_root, load.bboxes, masks, replace(load.cfg, seed=load.cfg.seed + int(k)))
+
+
+def stage_masks(index: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a chip (or prefix) cache index that hold the mask stage's own masks (variant 0): what the
+    evaluation's masked variant is; a cache without variants is returned as it is."""
+    return index[index["variant"] == 0] if "variant" in index.columns else index
+
+
 def build_chip_cache(npy_path: str | os.PathLike, index_path: str | os.PathLike, *, images_root: str,
                      aligned: str | os.PathLike, variant: str, masked: Optional[str | os.PathLike] = None,
-                     mask_settings: Optional[Mapping[str, Any]] = None, workers: int = 1, chunk: int = 128,
-                     prov: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
+                     mask_settings: Optional[Mapping[str, Any]] = None, variants: int = 1, workers: int = 1,
+                     chunk: int = 128, prov: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
     """Cut every usable image's chip (see the module docstring) into ``npy_path`` + ``index_path`` (image_id,
-    identity, status, face: the box it was cut in, row)."""
+    identity, status, face: the box it was cut in, variant, row). ``variants`` (masked only): that many masked
+    chips per image, the mask stage's own (variant 0) and ``variants - 1`` redrawn (:func:`restyled`), stored
+    variant after variant."""
     from .features import ChipCutter, chip_batches, face_loader, usable_faces
     from .workers import chunked
 
+    variants = int(variants)
+    if variants < 1 or (variants > 1 and variant != "masked"):
+        raise ValueError(f"variants {variants}: at least 1, and more than 1 for the masked chips only")
     table = pd.read_parquet(aligned, columns=["image_id", "identity", "status", "bbox", "transform"])
     usable = usable_faces(table, None, log)
     cutter = ChipCutter()
@@ -116,21 +143,28 @@ def build_chip_cache(npy_path: str | os.PathLike, index_path: str | os.PathLike,
             "image_id", "status", "mask_type", "mask_color", "mask_texture", "wear", "landmarks68"])
     ids, load = face_loader(cutter, variant, usable, log, images_root=images_root, masked=masked_rows,
                             mask_settings=mask_settings)
-    chunks = chunked(ids, chunk)
+    loads = [load] + [restyled(load, k) for k in range(1, variants)]
+    n = len(ids)
     faces = []
     with atomic_path(npy_path) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids),) + CHIP_SHAPE)
-        for chips, src in chip_batches(cutter.cutter_settings(), chunks, load, workers, f"chips ({variant})"):
-            arr[len(faces):len(faces) + len(src)] = chips
-            faces.extend(src)
-            if len(faces) % (20 * chunk) < chunk or len(faces) == len(ids):
-                log.info("%s chips: %d/%d", variant, len(faces), len(ids))
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(variants * n,) + CHIP_SHAPE)
+        for k, ld in enumerate(loads):
+            what = variant if k == 0 else f"{variant} {k}"
+            for chips, src in chip_batches(cutter.cutter_settings(), chunked(ids, chunk), ld, workers,
+                                           f"chips ({what})"):
+                arr[len(faces):len(faces) + len(src)] = chips
+                faces.extend(src)
+                done = len(faces) - k * n
+                if done % (20 * chunk) < chunk or done == n:
+                    log.info("%s chips: %d/%d", what, done, n)
         arr.flush()
         del arr
     ident = dict(zip(usable["image_id"], usable["identity"].astype(str)))
     status = dict(zip(usable["image_id"], usable["status"].astype(str)))
-    index = pd.DataFrame({"image_id": ids, "identity": [ident[i] for i in ids], "status": [status[i] for i in ids],
-                          "face": faces, "row": np.arange(len(ids), dtype=np.int64)})
+    index = pd.DataFrame({"image_id": ids * variants, "identity": [ident[i] for i in ids] * variants,
+                          "status": [status[i] for i in ids] * variants, "face": faces,
+                          "variant": np.repeat(np.arange(variants, dtype=np.int16), n),
+                          "row": np.arange(variants * n, dtype=np.int64)})
     write_parquet(index, index_path, {**(prov or {}), "cutter": cutter.cutter_settings()} if prov else None)
     return index
 

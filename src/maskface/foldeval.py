@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .devices import precision_policy, resolve_device
-from .chipcache import CHIP_SHAPE, open_chips
+from .chipcache import CHIP_SHAPE, open_chips, stage_masks
 from .evaluate import ProtocolSettings, pair_scores, roc_summary, verify_10fold
 from .models import load_model, preprocess
 from .train_data import open_cache
@@ -81,6 +81,7 @@ def _fold_features(model_path, variants: Mapping[str, tuple[np.ndarray, pd.DataF
         dim, what = 2 * int(meta["feature_dim"]), "concat(f(x), f(flip x)), RGB, (p-127.5)/128"
     feats = {}
     for v, (arr, idx) in variants.items():
+        idx = stage_masks(idx)      # the mask stage's own masks, never a training-only redraw
         row_of = dict(zip(idx["image_id"], idx["row"]))
         have = [i for i in ids if i in row_of]
         rows = np.array([row_of[i] for i in have], np.int64)

@@ -609,7 +609,7 @@ def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[di
         model = nn.parallel.DistributedDataParallel(run.module, device_ids=[run.local_rank]
                                                     if run.device.type == "cuda" else None)
     cfg, data = run.cfg, run.data
-    sampler = StreamSampler(len(data), run.seed, cfg["mask_fraction"], data.has_masked, cfg["flip"])
+    sampler = StreamSampler(len(data), run.seed, cfg["mask_fraction"], data.has_masked, cfg["flip"], data.variants)
     stream = BatchStream(data, sampler, start, stop, int(cfg["batch_size"]), run.rank, run.world,
                          cfg["prefetch"], pin=run.device.type == "cuda", workers=cfg["loader_threads"])
     log_every, ckpt_every = int(cfg["log_every"]), int(cfg["checkpoint_every"])

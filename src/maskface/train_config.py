@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "bias_lr_mult": 2.0,
     "bias_decay": False,
     "mask_fraction": 0.0,
+    "mask_variants": 1,
     "flip": True,
     "init": None,
     "frozen_blocks": 0,
@@ -109,6 +110,9 @@ def with_preset(user: Optional[Mapping[str, Any]], gpu_here: bool) -> dict:
     if float(cfg["distill"]) > 0 and cfg["init"] is None:
         raise ValueError(f"train.distill {cfg['distill']} needs train.init (the pretrained network whose clean "
                          f"features are the targets); SphereFace from scratch has no teacher")
+    if int(cfg["mask_variants"]) > 1 and cfg["init"] is None:
+        raise ValueError(f"train.mask_variants {cfg['mask_variants']} needs train.init (the masked chips of a chip "
+                         f"network); SphereFace's 112x96 crops have the mask stage's one mask per image")
     return cfg
 
 

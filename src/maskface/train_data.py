@@ -22,8 +22,9 @@ Caches (pre-decoded uint8, so decoding never runs in the training loop)
 Sample stream
     The samples are an endless sequence of epochs; epoch ``e`` is a permutation drawn from
     ``numpy.random.default_rng([seed, e])``, together with, per sample, a uniform draw for "served masked"
-    (``< train.mask_fraction``; a sample whose masked crop is missing is served clean) and one for the flip
-    (``< 0.5`` when ``train.flip``). Global batch ``t`` is stream positions ``[t B, (t + 1) B)``; with DDP rank
+    (``< train.mask_fraction``; a sample whose masked crop is missing is served clean), one for the flip
+    (``< 0.5`` when ``train.flip``) and one for the masked variant (``train.mask_variants``: which of a chip
+    cache's masks a sample served masked shows; drawn last, so one variant gives the stream it always gave). Global batch ``t`` is stream positions ``[t B, (t + 1) B)``; with DDP rank
     ``r`` of ``W`` takes the ``r``-th ``B / W`` slice (``train.batch_size`` is the global batch). The data
     position is therefore a pure function of (seed, iteration): resuming never replays or skips a sample.
 """
@@ -140,18 +141,21 @@ def select_training(manifest: pd.DataFrame, *, statuses: Sequence[str] = ("ok",)
 # ------------------------------------------------------------------------------------------------- data
 
 class TrainData:
-    """Training samples over one or more datasets' caches: per sample its source, clean row, masked row (-1:
-    none) and label. ``mirrored``: the caches hold each sample and its mirror image (axis 1, as the
-    frozen-prefix activations of maskface.chipcache), so the flip picks one; else the flip is left to the
-    training step (uint8 crops)."""
+    """Training samples over one or more datasets' caches: per sample its source, clean row, masked rows (one
+    per masked variant, -1: none; (n, variants)) and label. ``mirrored``: the caches hold each sample and its
+    mirror image (axis 1, as the frozen-prefix activations of maskface.chipcache), so the flip picks one; else
+    the flip is left to the training step (uint8 crops)."""
 
     def __init__(self, clean: list[np.ndarray], masked: list[Optional[np.ndarray]], src: np.ndarray,
                  clean_row: np.ndarray, masked_row: np.ndarray, labels: np.ndarray, classes: list[str],
                  mirrored: bool = False):
         self.clean, self.masked = clean, masked
-        self.src, self.clean_row, self.masked_row = src, clean_row, masked_row
+        masked_row = np.asarray(masked_row, np.int64)
+        self.masked_row = masked_row.reshape(len(masked_row), -1)      # (n, variants)
+        self.src, self.clean_row = src, clean_row
         self.labels, self.classes = labels, classes
-        self.has_masked = masked_row >= 0
+        self.has_masked = (self.masked_row >= 0).all(1)
+        self.variants = self.masked_row.shape[1]
         self.mirrored = bool(mirrored)
         self.sample_shape = tuple(clean[0].shape[2:] if self.mirrored else clean[0].shape[1:])
         self.dtype = clean[0].dtype
@@ -187,37 +191,50 @@ class TrainData:
             if crow.isna().any():
                 raise ValueError(f"{src['dataset']}: {int(crow.isna().sum())} training images have no crop in the "
                                  f"clean cache, e.g. {sel['image_id'][crow.isna()].iloc[0]!r}")
-            m_arr, mrow = None, np.full(len(sel), -1, dtype=np.int64)
+            m_arr, mrow = None, np.full((len(sel), 1), -1, dtype=np.int64)
             if src.get("masked"):
                 m_arr, m_idx = open_cache(*src["masked"], sample_shape=shape)
-                mrow = sel["image_id"].map(dict(zip(m_idx["image_id"], m_idx["row"]))).fillna(-1).to_numpy(np.int64)
+                var = m_idx["variant"].to_numpy() if "variant" in m_idx.columns else np.zeros(len(m_idx), int)
+                mrow = np.stack([sel["image_id"].map(dict(zip(m_idx["image_id"][var == v], m_idx["row"][var == v])))
+                                 .fillna(-1).to_numpy(np.int64) for v in np.unique(var)], axis=1)
             elif need_masked:
                 raise ValueError(f"{src['dataset']}: mask_fraction > 0 needs the masked crops (no masked cache)")
             clean.append(c_arr)
             masked.append(m_arr)
-            parts.append(pd.DataFrame({"src": s_i, "clean_row": crow.to_numpy(np.int64), "masked_row": mrow,
-                                       "cls": src["dataset"] + "/" + sel["identity"]}))
-        df = pd.concat(parts, ignore_index=True)
+            parts.append((pd.DataFrame({"src": s_i, "clean_row": crow.to_numpy(np.int64),
+                                        "cls": src["dataset"] + "/" + sel["identity"]}), mrow))
+        widths = {m.shape[1] for (_, m), a in zip(parts, masked) if a is not None} or {1}
+        if len(widths) > 1:
+            raise ValueError(f"the masked caches of {[s['dataset'] for s in sources]} hold different numbers of "
+                             f"mask variants ({sorted(widths)})")
+        width = widths.pop()
+        mrows = np.concatenate([m if a is not None else np.full((len(m), width), -1, np.int64)
+                                for (_, m), a in zip(parts, masked)])
+        df = pd.concat([d for d, _ in parts], ignore_index=True)
         classes = sorted(df["cls"].unique().tolist())
         label = df["cls"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
         return cls(clean, masked, df["src"].to_numpy(np.int16), df["clean_row"].to_numpy(np.int64),
-                   df["masked_row"].to_numpy(np.int64), label, classes, mirrored=mirrored)
+                   mrows, label, classes, mirrored=mirrored)
 
     def gather(self, idx: np.ndarray, use_masked: np.ndarray, flip: Optional[np.ndarray] = None,
-               out: Optional[np.ndarray] = None) -> np.ndarray:
+               out: Optional[np.ndarray] = None, variant: Optional[np.ndarray] = None) -> np.ndarray:
         """The samples ``idx`` (into ``out`` if given): uint8 (n, 112, 96, 3) RGB crops, or for ``mirrored``
-        caches each sample's plain or mirrored row as ``flip`` says. ``use_masked`` picks the masked one."""
+        caches each sample's plain or mirrored row as ``flip`` says. ``use_masked`` picks the masked one,
+        ``variant`` (default 0: the mask stage's) which of its masked variants."""
         if out is None:
             out = np.empty((len(idx),) + self.sample_shape, dtype=self.dtype)
         flip = np.zeros(len(idx), bool) if flip is None else np.asarray(flip, bool)
+        use_masked = np.asarray(use_masked, bool)
+        variant = np.zeros(len(idx), np.int64) if variant is None else np.asarray(variant, np.int64)
+        masked_row = self.masked_row[idx, variant]
         src = self.src[idx]
         for s in np.unique(src):
             sel = src == s
-            for take, arrays, row_of in ((sel & ~use_masked, self.clean, self.clean_row),
-                                         (sel & use_masked, self.masked, self.masked_row)):
+            for take, arrays, rows_all in ((sel & ~use_masked, self.clean, self.clean_row[idx]),
+                                           (sel & use_masked, self.masked, masked_row)):
                 if not take.any():
                     continue
-                rows = row_of[idx[take]]
+                rows = rows_all[take]
                 order = np.argsort(rows, kind="stable")  # sorted reads are kinder to a memory map
                 arr = arrays[s]
                 part = arr[rows[order], flip[take][order].astype(np.int64)] if self.mirrored else arr[rows[order]]
@@ -228,14 +245,17 @@ class TrainData:
 class StreamSampler:
     """The deterministic sample stream (module docstring): position -> (sample, served masked, flipped)."""
 
-    def __init__(self, n: int, seed: int, mask_fraction: float, has_masked: np.ndarray, flip: bool):
+    def __init__(self, n: int, seed: int, mask_fraction: float, has_masked: np.ndarray, flip: bool,
+                 variants: int = 1):
         self.n, self.seed = int(n), int(seed)
         self.mask_fraction, self.flip = float(mask_fraction), bool(flip)
         self.has_masked = np.asarray(has_masked, dtype=bool)
+        self.variants = int(variants)
         self._plans: dict = {}
 
     def plan(self, epoch: int):
-        """(permutation, served masked, flipped) of epoch ``epoch`` (the last two epochs are cached)."""
+        """(permutation, served masked, flipped, masked variant) of epoch ``epoch`` (the last two epochs are
+        cached)."""
         if epoch not in self._plans:
             rng = np.random.default_rng([self.seed, int(epoch)])
             perm = rng.permutation(self.n)
@@ -243,22 +263,24 @@ class StreamSampler:
             u_flip = rng.random(self.n)
             masked = (u_mask < self.mask_fraction) & self.has_masked[perm]
             flip = (u_flip < 0.5) if self.flip else np.zeros(self.n, dtype=bool)
+            var = (np.minimum(rng.random(self.n) * self.variants, self.variants - 1).astype(np.int64)
+                   if self.variants > 1 else np.zeros(self.n, np.int64))
             self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
-            self._plans[epoch] = (perm, masked, flip)
+            self._plans[epoch] = (perm, masked, flip, var)
         return self._plans[epoch]
 
-    def take(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        idx, msk, flp = [], [], []
+    def take(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(samples, served masked, flipped, masked variant) of stream positions [start, start + count)."""
+        parts: list[list[np.ndarray]] = [[], [], [], []]
         pos, end = int(start), int(start) + int(count)
         while pos < end:
             e, o = divmod(pos, self.n)
             k = min(end - pos, self.n - o)
-            perm, masked, flip = self.plan(e)
-            idx.append(perm[o:o + k])
-            msk.append(masked[o:o + k])
-            flp.append(flip[o:o + k])
+            for acc, a in zip(parts, self.plan(e)):
+                acc.append(a[o:o + k])
             pos += k
-        return np.concatenate(idx), np.concatenate(msk), np.concatenate(flp)
+        idx, msk, flp, var = (np.concatenate(a) for a in parts)
+        return idx, msk, flp, var
 
 
 class BatchStream:
@@ -280,13 +302,13 @@ class BatchStream:
     def make(self, it: int):
         pos = it * self.B + self.rank * self.b
         with self._lock:
-            idx, msk, flp = self.sampler.take(pos, self.b)
+            idx, msk, flp, var = self.sampler.take(pos, self.b)
         if self.pin:
             x = torch.from_numpy(np.empty((0,), self.data.dtype))
             x = torch.empty((self.b,) + self.data.sample_shape, dtype=x.dtype, pin_memory=True)
-            self.data.gather(idx, msk, flp, out=x.numpy())
+            self.data.gather(idx, msk, flp, out=x.numpy(), variant=var)
         else:
-            x = torch.from_numpy(self.data.gather(idx, msk, flp))
+            x = torch.from_numpy(self.data.gather(idx, msk, flp, variant=var))
         y = torch.from_numpy(self.data.labels[idx])
         # mirrored caches have served the flipped samples already; for crops the step flips them
         f = torch.from_numpy(np.zeros_like(flp) if self.data.mirrored else flp)

@@ -52,6 +52,8 @@ rule chip_cache:
     params:
         # masked chips carry the mask stage's masks, redrawn: they depend on its settings and code
         mask=lambda wc: MASK.result_params() if wc.cvariant == "masked" else None,
+        # train.mask_variants: masked chips per image (the stage's own + redrawn ones), for training only
+        variants=lambda wc: TRAIN["mask_variants"] if wc.cvariant == "masked" else 1,
         code=lambda wc: code_digest(*CHIP_CODE, "workers", "manifest", "fileio") + (MASK_CODE if wc.cvariant == "masked" else ""),
     conda:
         "../../envs/maskface.yaml"

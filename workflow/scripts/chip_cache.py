@@ -11,12 +11,14 @@ with logged(snakemake) as log:
     t0 = time.time()
     variant = snakemake.wildcards.cvariant
     used = [snakemake.input.aligned] + ([snakemake.input.masked] if variant == "masked" else [])
-    prov = provenance("chip_cache", {"variant": variant, "mask": snakemake.params.mask}, used)
+    prov = provenance("chip_cache", {"variant": variant, "mask": snakemake.params.mask,
+                                     "variants": snakemake.params.variants}, used)
     index = build_chip_cache(snakemake.output.npy, snakemake.output.index,
                              images_root=read_json(snakemake.input.json)["images_root"],
                              aligned=snakemake.input.aligned, variant=variant,
                              masked=snakemake.input.masked if variant == "masked" else None,
-                             mask_settings=snakemake.params.mask, workers=snakemake.threads,
+                             mask_settings=snakemake.params.mask, variants=snakemake.params.variants,
+                             workers=snakemake.threads,
                              chunk=snakemake.config["evaluate"]["chunk"], prov=prov)
     dt = time.time() - t0
     log.info("%s/%s: %d chips in %.1f s (%.0f img/s)", snakemake.wildcards.dataset, variant, len(index), dt,
