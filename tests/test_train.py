@@ -336,6 +336,19 @@ def test_a_rebuilt_index_with_new_provenance_keeps_the_digest(tmp_path):
     assert spec_digest(spec) != first
 
 
+def test_an_option_added_later_keeps_the_digest_of_runs_that_do_not_use_it(tmp_path, monkeypatch):
+    """train.mask_variants came after runs existed: at 1 it is left out of the digest, so a half-done run
+    resumes its checkpoint under the new code; at 3 the digest changes."""
+    import maskface.train_config as tc
+
+    spec = {"run": "t", "train": {"init": "dlib-resnet"}, "sources": []}
+    with monkeypatch.context() as m:
+        m.delitem(tc.DEFAULTS, "mask_variants")         # the defaults before the option existed
+        before = spec_digest(spec)
+    assert spec_digest(spec) == before == spec_digest({**spec, "train": {"init": "dlib-resnet", "mask_variants": 1}})
+    assert spec_digest({**spec, "train": {"init": "dlib-resnet", "mask_variants": 3}}) != before
+
+
 # ------------------------------------------------------------------------------------ outputs, masks
 
 def test_outputs_log_and_mask_share(syn, tmp_path):

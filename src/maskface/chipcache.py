@@ -125,9 +125,9 @@ def build_chip_cache(npy_path: str | os.PathLike, index_path: str | os.PathLike,
                      mask_settings: Optional[Mapping[str, Any]] = None, variants: int = 1, workers: int = 1,
                      chunk: int = 128, prov: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
     """Cut every usable image's chip (see the module docstring) into ``npy_path`` + ``index_path`` (image_id,
-    identity, status, face: the box it was cut in, variant, row). ``variants`` (masked only): that many masked
-    chips per image, the mask stage's own (variant 0) and ``variants - 1`` redrawn (:func:`restyled`), stored
-    variant after variant."""
+    identity, status, face: the box it was cut in, row). ``variants`` (masked only): that many masked chips per
+    image, the mask stage's own (variant 0) and ``variants - 1`` redrawn (:func:`restyled`), stored variant
+    after variant, with a ``variant`` column in the index."""
     from .features import ChipCutter, chip_batches, face_loader, usable_faces
     from .workers import chunked
 
@@ -163,8 +163,9 @@ def build_chip_cache(npy_path: str | os.PathLike, index_path: str | os.PathLike,
     status = dict(zip(usable["image_id"], usable["status"].astype(str)))
     index = pd.DataFrame({"image_id": ids * variants, "identity": [ident[i] for i in ids] * variants,
                           "status": [status[i] for i in ids] * variants, "face": faces,
-                          "variant": np.repeat(np.arange(variants, dtype=np.int16), n),
                           "row": np.arange(variants * n, dtype=np.int64)})
+    if variants > 1:     # one variant: the index (and so a run's spec digest) as it was before variants
+        index.insert(4, "variant", np.repeat(np.arange(variants, dtype=np.int16), n))
     write_parquet(index, index_path, {**(prov or {}), "cutter": cutter.cutter_settings()} if prov else None)
     return index
 

@@ -92,7 +92,7 @@ from .fileio import atomic_path, read_json, write_json
 from .foldeval import evaluate_fold
 from .manifest import code_version, git_commit, sha256_file
 from .models import MarginHead, make_head, preprocess, save_model, sphereface_net
-from .train_config import NON_SEMANTIC, merged
+from .train_config import DIGEST_NEUTRAL, NON_SEMANTIC, merged
 from .train_data import BatchStream, StreamSampler, TrainData, build_cache, build_data
 
 log = logging.getLogger("maskface.train")
@@ -247,7 +247,8 @@ def head_at_class_means(head: MarginHead, net: nn.Module, data: TrainData, devic
 
 def spec_digest(spec: Mapping[str, Any]) -> str:
     """Digest of what determines the result (the train keys less NON_SEMANTIC, the data, fold, seed)."""
-    train = {k: v for k, v in merged(spec.get("train")).items() if k not in NON_SEMANTIC}
+    train = {k: v for k, v in merged(spec.get("train")).items()
+             if k not in NON_SEMANTIC and not (k in DIGEST_NEUTRAL and v == DIGEST_NEUTRAL[k])}
     data = [{"dataset": s["dataset"], **{k: _ident(s.get(k)) for k in ("manifest", "clean", "masked")}}
             for s in spec.get("sources", [])]
     core = {"train": train, "data": data, "fold": spec.get("fold"), "seed": spec.get("seed"),
@@ -638,11 +639,12 @@ def _model_meta(run: Run, rows: Sequence[Mapping[str, Any]]) -> dict:
             "mask_fraction": cfg["mask_fraction"], "flip": cfg["flip"], "head": cfg["head"], "arch": cfg["arch"],
             "batch_size": cfg["batch_size"], "lr": cfg["lr"], "lr_steps": cfg["lr_steps"],
             "datasets": [s["dataset"] for s in run.spec.get("sources", [])], "spec_digest": run.digest,
+            "validation": cfg["validation"],
             "final_loss": rows[-1]["loss"], "final_accuracy": rows[-1]["accuracy"],
             "training_channel_order": "RGB", "training_normalisation": "(p - 127.5) / 128"}
     if cfg["init"] is not None:
         meta.update({k: cfg[k] for k in ("init", "frozen_blocks", "lr_mult", "optimizer", "lr_schedule",
-                                         "center_features", "head_init", "validation", "distill")})
+                                         "center_features", "head_init", "distill", "mask_variants")})
         meta.pop("arch")
         meta["training_normalisation"] = f"(p - mean {run.normalisation['mean']}) / 256, dlib's 150x150 chips"
     try:

@@ -67,6 +67,11 @@ NON_SEMANTIC = ("preset", "mask_fractions", "device", "gpus", "max_cpu_hours", "
                 "lfw_dataset", "protocol")
 
 
+# Keys left out of a run's digest at these values: options added after runs existed, so that a run which does
+# not use one still resumes its checkpoint.
+DIGEST_NEUTRAL = {"mask_variants": 1}
+
+
 def merged(cfg: Optional[Mapping[str, Any]]) -> dict:
     """``DEFAULTS`` updated (recursively for mappings) with ``cfg``."""
     def rec(base, upd):

@@ -195,7 +195,7 @@ class TrainData:
             if src.get("masked"):
                 m_arr, m_idx = open_cache(*src["masked"], sample_shape=shape)
                 var = m_idx["variant"].to_numpy() if "variant" in m_idx.columns else np.zeros(len(m_idx), int)
-                mrow = np.stack([sel["image_id"].map(dict(zip(m_idx["image_id"][var == v], m_idx["row"][var == v])))
+                mrow = mrow if not len(m_idx) else np.stack([sel["image_id"].map(dict(zip(m_idx["image_id"][var == v], m_idx["row"][var == v])))
                                  .fillna(-1).to_numpy(np.int64) for v in np.unique(var)], axis=1)
             elif need_masked:
                 raise ValueError(f"{src['dataset']}: mask_fraction > 0 needs the masked crops (no masked cache)")
@@ -243,7 +243,8 @@ class TrainData:
 
 
 class StreamSampler:
-    """The deterministic sample stream (module docstring): position -> (sample, served masked, flipped)."""
+    """The deterministic sample stream (module docstring): position -> (sample, served masked, flipped, masked
+    variant)."""
 
     def __init__(self, n: int, seed: int, mask_fraction: float, has_masked: np.ndarray, flip: bool,
                  variants: int = 1):

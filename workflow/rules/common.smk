@@ -476,10 +476,12 @@ def demo_settings():
 
 def threshold_inputs(wc):
     lfw = demo_lfw()
+    inp = {"json": dataset_json(lfw)}
     if DEMO["threshold_from"] == "evaluation":
-        return {"features": features(features_model(DEMO["model"]), lfw, "clean"), "pairs": pairs_manifest(lfw),
-                "json": dataset_json(lfw)}
-    return {"json": dataset_json(lfw)}
+        inp.update(features=features(features_model(DEMO["model"]), lfw, "clean"), pairs=pairs_manifest(lfw))
+    if demo_model().get("checkpoint"):     # the model the threshold is measured for (and its meta)
+        inp["checkpoint"] = demo_model()["checkpoint"]
+    return inp
 
 
 def demo_inputs(wc):

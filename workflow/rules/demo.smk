@@ -46,7 +46,7 @@ rule demo_threshold:
         source=DEMO["threshold_from"],
         people=DEMO["calibration_people"],
         folds=DEMO["calibration_folds"],
-        dataset=demo_lfw(),
+        dataset=lambda wc: demo_lfw(),
         model=lambda wc: as_param(demo_model()),
         cfg=demo_settings(),
         code=DEMO_CODE,
@@ -73,7 +73,7 @@ rule demo_run:
     params:
         out=lambda wc, output: os.path.dirname(output[0]),   # the demo's output folder
         threshold=DEMO["threshold"],
-        dataset=demo_lfw() if DEMO_BUILD else None,
+        dataset=lambda wc: demo_lfw() if DEMO_BUILD else None,
         model=lambda wc: as_param(demo_model()),
         cfg=demo_settings(),
         device=DEMO["device"],
