@@ -640,3 +640,6 @@ def test_summary_of_groups_side_by_side():
     assert "| masked | 86.00 ± 0.00 (1 run) | 75.00 ± 0.00 (1 run) |" in md
     assert "groups" not in summarize_groups({"x": [ev(0.88, 0.86)]})
     assert "protocols" not in s          # no pooled mean over runs with and without masks
+    assert "threshold from the other nine folds" in md
+    held = summary_markdown(summarize_groups({"x": [{**ev(0.9, 0.8), "validation_fold": 2}]}), "x")
+    assert "threshold and mean feature from the next fold" in held and "other nine" not in held

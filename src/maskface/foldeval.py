@@ -213,9 +213,24 @@ def write_lfw_evaluation(evals: Sequence[Mapping[str, Any]], *, model: str, data
     return doc
 
 
+def _threshold_from(evals: Sequence[Mapping[str, Any]]) -> str:
+    """Where the runs' thresholds came from: ``next_fold`` (train.validation: a fold held out of training as
+    well), ``other_folds`` (the other nine, the model's training people), or ``mixed``."""
+    kinds = {"next_fold" if e.get("validation_fold") is not None else "other_folds" for e in evals}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+THRESHOLD_FROM = {
+    "next_fold": "threshold and mean feature from the next fold, whose people were held out of training too "
+                 "(train.validation: next_fold)",
+    "other_folds": "threshold from the other nine folds, whose people the model trained on; see maskface.train",
+    "mixed": "some runs with the threshold from the next fold (held out), others from the other nine folds",
+}
+
+
 def summarize_evals(evals: Sequence[Mapping[str, Any]]) -> dict:
     """Mean and std (ddof=1) over runs of each protocol's fold accuracy."""
-    out = {"runs": [e.get("run") for e in evals], "protocols": {}}
+    out = {"runs": [e.get("run") for e in evals], "threshold_from": _threshold_from(evals), "protocols": {}}
     for name in ("clean", "mixed", "masked"):
         accs = [e["protocols"][name]["accuracy"] for e in evals if name in e.get("protocols", {})]
         if accs:
@@ -231,13 +246,14 @@ def summarize_groups(evals: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:
         return summarize_evals(next(iter(evals.values())))
     # no pooled mean over the groups: runs with and without masks are different models
     return {"runs": [e.get("run") for evs in evals.values() for e in evs],
+            "threshold_from": _threshold_from([e for evs in evals.values() for e in evs]),
             "groups": {g: summarize_evals(evs) for g, evs in evals.items()}}
 
 
 def summary_markdown(summary: Mapping[str, Any], title: str = "") -> str:
     lines = [f"# {title}" if title else "# Training runs", "",
-             "LFW fold accuracy (lfw_unrestricted: threshold from the other nine folds, see maskface.train), "
-             "mean ± std over runs, in percent."]
+             f"LFW fold accuracy (lfw_unrestricted: "
+             f"{THRESHOLD_FROM[summary.get('threshold_from', 'other_folds')]}), mean ± std over runs, in percent."]
     groups = summary.get("groups")
     if groups:
         names = list(groups)
