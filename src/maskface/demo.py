@@ -455,7 +455,7 @@ def fold_people(pairs: pd.DataFrame, folds: Sequence[int]) -> set[str]:
     """The people of these folds of LFW's pairs (pairs.txt parsed by maskface.datasets.parse_pairs)."""
     from .train_data import fold_identities
 
-    return set().union(*(fold_identities(pairs, int(k)) for k in folds)) if len(folds) else set()
+    return set().union(*(fold_identities(pairs, int(k)) for k in folds))
 
 
 def model_held_out(model: Optional[Mapping[str, Any]], dataset: str, pairs: pd.DataFrame

@@ -194,9 +194,10 @@ class TrainData:
             m_arr, mrow = None, np.full((len(sel), 1), -1, dtype=np.int64)
             if src.get("masked"):
                 m_arr, m_idx = open_cache(*src["masked"], sample_shape=shape)
-                var = m_idx["variant"].to_numpy() if "variant" in m_idx.columns else np.zeros(len(m_idx), int)
-                mrow = mrow if not len(m_idx) else np.stack([sel["image_id"].map(dict(zip(m_idx["image_id"][var == v], m_idx["row"][var == v])))
-                                 .fillna(-1).to_numpy(np.int64) for v in np.unique(var)], axis=1)
+                if len(m_idx):    # image_id x variant -> row (a cache without variants: variant 0)
+                    rows = m_idx.assign(variant=m_idx["variant"] if "variant" in m_idx.columns else 0).pivot(
+                        index="image_id", columns="variant", values="row")
+                    mrow = rows.reindex(sel["image_id"]).fillna(-1).to_numpy(np.int64)
             elif need_masked:
                 raise ValueError(f"{src['dataset']}: mask_fraction > 0 needs the masked crops (no masked cache)")
             clean.append(c_arr)
