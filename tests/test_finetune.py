@@ -17,7 +17,7 @@ import torch
 from maskface.dlibnet import DlibResnet, DlibResnetTop
 from maskface.foldeval import lfw_evaluation
 from maskface.train import lr_multiplier, make_schedule, param_groups, train_run
-from maskface.train_config import merged
+from maskface.train_config import merged, with_preset
 from maskface.train_data import StreamSampler, TrainData, build_data, held_out_folds, validation_fold
 
 torch.set_num_threads(2)
@@ -217,6 +217,50 @@ def test_a_fine_tune_resumes_bit_identically(tmp_path, dlib_net):
     np.testing.assert_allclose(log_b["distill"], log_a["distill"], rtol=1e-9)  # the cut window restored once
 
 
+def test_wise_alpha_saves_the_weight_average_and_finishes_from_the_kept_checkpoint(tmp_path, dlib_net, caplog):
+    """train.wise_alpha: the saved network is alpha x fine-tuned + (1 - alpha) x dlib's, every weight; a run
+    finished again with another alpha resumes its checkpoint at the end (no training) and recomputes the mean
+    feature it subtracts under the averaged weights."""
+    import logging
+
+    from maskface.features import load_checkpoint
+    from maskface.train import spec_digest
+
+    k = 12
+    spec, pre = _prefix_spec(tmp_path, dlib_net, k)
+    train_run(spec, tmp_path / "r")
+    ft, _ = load_checkpoint(tmp_path / "r" / "model.pt")
+    wise = {**spec, "train": {**spec["train"], "wise_alpha": 0.25}}
+    assert spec_digest(wise) == spec_digest(spec)        # the training is the same: its checkpoint resumes
+    with caplog.at_level(logging.INFO, logger="maskface.train"):
+        summary = train_run(wise, tmp_path / "r")
+    assert "resumed ft at iteration 6" in caplog.text and summary["iterations"] == 6
+    net, meta = load_checkpoint(tmp_path / "r" / "model.pt")
+    assert meta["meta"]["wise_alpha"] == 0.25
+    start, tuned, mixed = dlib_net.state_dict(), ft.state_dict(), net.state_dict()
+    moved = [n for n in tuned if not torch.equal(tuned[n], start[n])]
+    assert moved and all(n.startswith(("blocks.12.", "blocks.13.", "fc.")) for n in moved)
+    for n in moved:
+        torch.testing.assert_close(mixed[n], 0.25 * tuned[n] + 0.75 * start[n], rtol=1e-5, atol=1e-6)
+    for n in set(tuned) - set(moved):
+        assert torch.equal(mixed[n], start[n]), n
+    # the subtracted mean is the averaged network's own: its training features (clean and masked) average to 0
+    with torch.no_grad():
+        f = torch.cat([net.top(torch.from_numpy(a[:, 0].astype(np.float32)), k)
+                       for a in (pre, np.load(tmp_path / "pm.npy"))])
+    assert f.mean(0).abs().max() < 1e-5 * f.abs().max()
+    assert not torch.allclose(net.feature_center, ft.feature_center)
+    # the checkpoint still holds the fine-tuned weights: alpha 1 gives the first model back
+    train_run(spec, tmp_path / "r")
+    again, _ = load_checkpoint(tmp_path / "r" / "model.pt")
+    for n, v in again.state_dict().items():
+        assert torch.equal(v, tuned[n]), n
+    with pytest.raises(ValueError, match="wise_alpha 0.5 needs train.init"):
+        with_preset({"wise_alpha": 0.5}, gpu_here=False)
+    with pytest.raises(ValueError, match=r"wise_alpha must be in \[0, 1\]"):
+        with_preset({"wise_alpha": 1.5, "init": "dlib-resnet"}, gpu_here=False)
+
+
 def test_distillation_targets_and_what_the_term_keeps(tmp_path, dlib_net):
     """The targets are the initial network's clean features, plain and mirrored; a strong distillation term keeps
     the features of the clean and the masked chips near them, where the head alone lets both drift."""
@@ -357,3 +401,21 @@ def test_fine_tune_through_snakemake_on_real_faces(lfw, tmp_path):
     out = plan.stdout + plan.stderr
     trained = set(re.findall(r"output: results/models/([\w.-]+)/model\.pt", out))
     assert trained == {"tft-m50-fold2-seed1", "tft-m0-fold2-seed1"}, trained
+    # train.wise_alpha: the two runs finish again from their kept checkpoints (no caches rebuilt, no training)
+    # and save the weight average; the fold evaluations follow
+    before = {n: v.clone() for n, v in load_checkpoint(model)[0].state_dict().items()}
+    cfg["train"]["wise_alpha"] = 0.5
+    (tmp_path / "wise.yaml").write_text(json.dumps(cfg))
+    out = snakemake_run(tmp_path, "train_all", "--configfile", str(tmp_path / "wise.yaml"))
+    jobs = set(re.findall(r"^(?:local)?rule (\w+):", out.stdout + out.stderr, re.M))
+    assert jobs <= {"train", "train_fold_eval", "train_lfw_eval", "train_summary", "train_all"}, jobs
+    for group in ("tft-m50", "tft-m0"):
+        log_text = (res / f"logs/train/{group}-fold1-seed1.log").read_text()
+        assert f"resumed {group}-fold1-seed1 at iteration 4" in log_text, log_text[-2000:]
+    net, meta = load_checkpoint(model)
+    assert meta["meta"]["wise_alpha"] == 0.5
+    start = DlibResnet.from_dlib_file().state_dict()
+    for n, v in net.state_dict().items():
+        torch.testing.assert_close(v, 0.5 * before[n] + 0.5 * start[n], rtol=1e-5, atol=1e-6)
+    fe = json.loads((res / "models/tft-m50-fold1-seed1/fold_eval.json").read_text())
+    assert fe["protocols"]["clean"]["validation"]["fold"] == 2

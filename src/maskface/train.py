@@ -92,7 +92,7 @@ from .fileio import atomic_path, read_json, write_json
 from .foldeval import evaluate_fold
 from .manifest import code_version, git_commit, sha256_file
 from .models import MarginHead, make_head, preprocess, save_model, sphereface_net
-from .train_config import DIGEST_NEUTRAL, NON_SEMANTIC, merged
+from .train_config import AFTER_TRAINING, DIGEST_NEUTRAL, NON_SEMANTIC, merged
 from .train_data import BatchStream, StreamSampler, TrainData, build_cache, build_data
 
 log = logging.getLogger("maskface.train")
@@ -233,6 +233,20 @@ def distill_term(feat: torch.Tensor, target: torch.Tensor, variance: float) -> t
 
 
 @torch.no_grad()
+def weight_ensemble(net: nn.Module, init: nn.Module, alpha: float) -> None:
+    """``train.wise_alpha``: every floating-point weight and buffer of ``net`` becomes ``alpha`` times its own
+    value plus ``1 - alpha`` times the same tensor of ``init`` (the network training started from): a
+    weight-space ensemble of the fine-tuned and the pretrained network (WiSE-FT, Wortsman et al., CVPR 2022)."""
+    own, start = net.state_dict(), init.state_dict()
+    if own.keys() != start.keys():
+        raise ValueError(f"train.wise_alpha: the initial network's tensors differ from the trained one's "
+                         f"({sorted(set(own) ^ set(start))[:4]}...)")
+    mixed = {k: alpha * v + (1.0 - alpha) * start[k].to(v.device, v.dtype) if v.is_floating_point() else v
+             for k, v in own.items()}
+    net.load_state_dict(mixed)
+
+
+@torch.no_grad()
 def head_at_class_means(head: MarginHead, net: nn.Module, data: TrainData, device: torch.device,
                         center: bool, use_masked: bool) -> None:
     """``train.head_init: class_means``: each class weight = the normalised sum of its images' normalised
@@ -246,9 +260,10 @@ def head_at_class_means(head: MarginHead, net: nn.Module, data: TrainData, devic
 
 
 def spec_digest(spec: Mapping[str, Any]) -> str:
-    """Digest of what determines the result (the train keys less NON_SEMANTIC, the data, fold, seed)."""
+    """Digest of what determines the training (the train keys less NON_SEMANTIC and AFTER_TRAINING, the data,
+    fold, seed): the checkpoint of a run with the same digest is resumed."""
     train = {k: v for k, v in merged(spec.get("train")).items()
-             if k not in NON_SEMANTIC and not (k in DIGEST_NEUTRAL and v == DIGEST_NEUTRAL[k])}
+             if k not in NON_SEMANTIC and k not in AFTER_TRAINING and not (k in DIGEST_NEUTRAL and v == DIGEST_NEUTRAL[k])}
     data = [{"dataset": s["dataset"], **{k: _ident(s.get(k)) for k in ("manifest", "clean", "masked")}}
             for s in spec.get("sources", [])]
     core = {"train": train, "data": data, "fold": spec.get("fold"), "seed": spec.get("seed"),
@@ -644,7 +659,8 @@ def _model_meta(run: Run, rows: Sequence[Mapping[str, Any]]) -> dict:
             "training_channel_order": "RGB", "training_normalisation": "(p - 127.5) / 128"}
     if cfg["init"] is not None:
         meta.update({k: cfg[k] for k in ("init", "frozen_blocks", "lr_mult", "optimizer", "lr_schedule",
-                                         "center_features", "head_init", "distill", "mask_variants")})
+                                         "center_features", "head_init", "distill", "mask_variants",
+                                         "wise_alpha")})
         meta.pop("arch")
         meta["training_normalisation"] = f"(p - mean {run.normalisation['mean']}) / 256, dlib's 150x150 chips"
     try:
@@ -668,6 +684,12 @@ def _finalise(run: Run, rows: list, done: int) -> dict:
             raise RuntimeError("no log rows: iterations < 1?")
         if run.normalisation is not None:
             from .chipcache import save_chip_model
+
+            alpha = float(run.cfg["wise_alpha"])
+            if alpha != 1.0:         # the saved network only: the checkpoint keeps the fine-tuned weights
+                weight_ensemble(run.net, build_network(run.cfg)[0].to(run.device), alpha)
+                log.info("saved weights: %.2f x fine-tuned + %.2f x %s (train.wise_alpha)", alpha, 1 - alpha,
+                         run.cfg["init"])
 
             center = None
             if run.cfg["center_features"]:      # the network subtracts its mean training feature itself

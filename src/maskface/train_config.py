@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "center_features": False,
     "head_init": "random",
     "distill": 0.0,
+    "wise_alpha": 1.0,
     "validation": "none",
     "statuses": ["ok"],
     "min_images": 1,
@@ -65,6 +66,11 @@ DEFAULTS: dict[str, Any] = {
 NON_SEMANTIC = ("preset", "mask_fractions", "device", "gpus", "max_cpu_hours", "compile", "threads", "prefetch", "loader_threads", "checkpoint_every", "log_every",
                 "keep_checkpoint", "eval_masked", "eval_batch_size", "name", "folds", "seeds", "datasets",
                 "lfw_dataset", "protocol")
+
+
+# Keys applied to the network once training has ended (train.wise_alpha): left out of a run's digest, so that
+# changing one finishes the run again from its kept checkpoint instead of training it again.
+AFTER_TRAINING = ("wise_alpha",)
 
 
 # Keys left out of a run's digest at these values: options added after runs existed, so that a run which does
@@ -115,6 +121,11 @@ def with_preset(user: Optional[Mapping[str, Any]], gpu_here: bool) -> dict:
     if float(cfg["distill"]) > 0 and cfg["init"] is None:
         raise ValueError(f"train.distill {cfg['distill']} needs train.init (the pretrained network whose clean "
                          f"features are the targets); SphereFace from scratch has no teacher")
+    if float(cfg["wise_alpha"]) != 1.0 and cfg["init"] is None:
+        raise ValueError(f"train.wise_alpha {cfg['wise_alpha']} needs train.init (the pretrained weights the "
+                         f"fine-tuned ones are averaged with); SphereFace from scratch has none")
+    if not 0.0 <= float(cfg["wise_alpha"]) <= 1.0:
+        raise ValueError(f"train.wise_alpha must be in [0, 1], got {cfg['wise_alpha']}")
     if int(cfg["mask_variants"]) > 1 and cfg["init"] is None:
         raise ValueError(f"train.mask_variants {cfg['mask_variants']} needs train.init (the masked chips of a chip "
                          f"network); SphereFace's 112x96 crops have the mask stage's one mask per image")
