@@ -419,3 +419,14 @@ def test_fine_tune_through_snakemake_on_real_faces(lfw, tmp_path):
         torch.testing.assert_close(v, 0.5 * before[n] + 0.5 * start[n], rtol=1e-5, atol=1e-6)
     fe = json.loads((res / "models/tft-m50-fold1-seed1/fold_eval.json").read_text())
     assert fe["protocols"]["clean"]["validation"]["fold"] == 2
+    # train.people_fraction: the runs train again on a share of fold 1's training people (fold 3's four)
+    from maskface.train_data import people_subset
+    trainees = sorted({line.split("\t")[0] for line in (tiny / "pairs.txt").read_text().splitlines()[17:]
+                       if len(line.split("\t")) == 3})
+    assert len(trainees) == 4
+    frac = next(f for f in (0.25, 0.5, 0.75) if 0 < len(people_subset(trainees, f)) < 4)
+    cfg["train"].update(wise_alpha=1.0, people_fraction=frac)
+    (tmp_path / "share.yaml").write_text(json.dumps(cfg))
+    snakemake_run(tmp_path, "train_all", "--configfile", str(tmp_path / "share.yaml"))
+    meta = load_checkpoint(model)[1]["meta"]
+    assert meta["people_fraction"] == frac and meta["classes"] == len(people_subset(trainees, frac)), meta

@@ -20,7 +20,7 @@ from maskface.foldeval import evaluate_fold, summarize_evals
 from maskface.train import spec_digest, train_run
 from maskface.train_config import merged, run_names
 from maskface.train_data import (BatchStream, StreamSampler, TrainData, build_cache, fold_identities, open_cache,
-                                 select_training)
+                                 people_subset, select_training)
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
@@ -347,6 +347,31 @@ def test_an_option_added_later_keeps_the_digest_of_runs_that_do_not_use_it(tmp_p
         before = spec_digest(spec)
     assert spec_digest(spec) == before == spec_digest({**spec, "train": {"init": "dlib-resnet", "mask_variants": 1}})
     assert spec_digest({**spec, "train": {"init": "dlib-resnet", "mask_variants": 3}}) != before
+
+
+def test_people_fraction_keeps_nested_shares_of_the_people_after_min_images_and_the_held_out_folds():
+    """train.people_fraction (data-size curves): a share of the training people chosen by their names, the
+    smaller share's people among the larger one's, applied after min_images and the held-out folds; at 1 it is
+    left out of the digest (runs that existed before it resume)."""
+    import maskface.train_config as tc
+
+    people = [f"P{i:04d}" for i in range(2000)]
+    half, quarter = people_subset(people, 0.5), people_subset(people, 0.25)
+    assert quarter < half and 900 < len(half) < 1100 and 400 < len(quarter) < 600
+    assert people_subset(reversed(people), 0.25) == quarter and people_subset(people, 1.0) == set(people)
+    man = pd.DataFrame({"image_id": [f"{p}/{k}" for p in people for k in range(2)] + ["Solo/1"],
+                        "identity": [p for p in people for _ in range(2)] + ["Solo"], "status": "ok"})
+    excl = set(people[:1000])
+    sel = select_training(man, min_images=2, exclude_identities=excl, people_fraction=0.5)
+    kept = set(sel["identity"])
+    assert kept == people_subset(set(people) - excl, 0.5) and "Solo" not in kept
+    assert (sel.groupby("identity").size() == 2).all()          # whole people, every image of each
+    spec = {"run": "t", "train": {"init": "dlib-resnet"}, "sources": []}
+    with pytest.MonkeyPatch.context() as m:
+        m.delitem(tc.DEFAULTS, "people_fraction")
+        before = spec_digest(spec)
+    assert spec_digest({**spec, "train": {"init": "dlib-resnet", "people_fraction": 1.0}}) == before
+    assert spec_digest({**spec, "train": {"init": "dlib-resnet", "people_fraction": 0.5}}) != before
 
 
 # ------------------------------------------------------------------------------------ outputs, masks

@@ -654,7 +654,7 @@ def _model_meta(run: Run, rows: Sequence[Mapping[str, Any]]) -> dict:
             "mask_fraction": cfg["mask_fraction"], "flip": cfg["flip"], "head": cfg["head"], "arch": cfg["arch"],
             "batch_size": cfg["batch_size"], "lr": cfg["lr"], "lr_steps": cfg["lr_steps"],
             "datasets": [s["dataset"] for s in run.spec.get("sources", [])], "spec_digest": run.digest,
-            "validation": cfg["validation"],
+            "validation": cfg["validation"], "people_fraction": cfg["people_fraction"],
             "final_loss": rows[-1]["loss"], "final_accuracy": rows[-1]["accuracy"],
             "training_channel_order": "RGB", "training_normalisation": "(p - 127.5) / 128"}
     if cfg["init"] is not None:

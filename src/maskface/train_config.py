@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "validation": "none",
     "statuses": ["ok"],
     "min_images": 1,
+    "people_fraction": 1.0,
     "device": "auto",
     "gpus": 1,
     "max_cpu_hours": 1.0,
@@ -75,7 +76,7 @@ AFTER_TRAINING = ("wise_alpha",)
 
 # Keys left out of a run's digest at these values: options added after runs existed, so that a run which does
 # not use one still resumes its checkpoint.
-DIGEST_NEUTRAL = {"mask_variants": 1}
+DIGEST_NEUTRAL = {"mask_variants": 1, "people_fraction": 1.0}
 
 
 def merged(cfg: Optional[Mapping[str, Any]]) -> dict:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -125,9 +126,19 @@ def fold_identities(pairs: pd.DataFrame, fold: int) -> set[str]:
     return {identity_of(i) for i in pd.concat([sel["a"], sel["b"]]).astype(str)}
 
 
+def people_subset(identities: Iterable[str], fraction: float) -> set[str]:
+    """``train.people_fraction``: the identities whose sha256 falls in the first ``fraction`` of its range. The
+    choice depends on the name alone, so a smaller fraction's people are among a larger one's (nested subsets:
+    a data-size curve) and every fold and seed draws alike."""
+    cut = float(fraction) * 2 ** 32
+    return {i for i in identities if int(hashlib.sha256(str(i).encode()).hexdigest()[:8], 16) < cut}
+
+
 def select_training(manifest: pd.DataFrame, *, statuses: Sequence[str] = ("ok",), min_images: int = 1,
-                    exclude_identities: Iterable[str] = ()) -> pd.DataFrame:
-    """Training rows (image_id, identity) of an aligned manifest."""
+                    exclude_identities: Iterable[str] = (), people_fraction: float = 1.0) -> pd.DataFrame:
+    """Training rows (image_id, identity) of an aligned manifest: the images of the given statuses, less the
+    excluded identities, of the people with at least ``min_images`` such images, of whom ``people_fraction``
+    (:func:`people_subset`) when below 1."""
     df = manifest[manifest["status"].astype(str).isin(list(statuses))][["image_id", "identity"]].copy()
     df["identity"] = df["identity"].astype(str)
     excl = set(exclude_identities)
@@ -135,6 +146,8 @@ def select_training(manifest: pd.DataFrame, *, statuses: Sequence[str] = ("ok",)
         df = df[~df["identity"].isin(excl)]
     counts = df["identity"].value_counts()
     df = df[df["identity"].map(counts) >= int(min_images)]
+    if float(people_fraction) < 1.0:
+        df = df[df["identity"].isin(people_subset(df["identity"].unique(), people_fraction))]
     return df.sort_values("image_id", kind="stable").reset_index(drop=True)
 
 
@@ -175,7 +188,8 @@ class TrainData:
     @classmethod
     def from_sources(cls, sources: Sequence[Mapping[str, Any]], *, statuses: Sequence[str] = ("ok",),
                      min_images: int = 1, exclude: Optional[Mapping[str, Iterable[str]]] = None,
-                     need_masked: bool = False, mirrored: bool = False) -> "TrainData":
+                     need_masked: bool = False, mirrored: bool = False,
+                     people_fraction: float = 1.0) -> "TrainData":
         """``sources``: dicts with ``dataset``, ``manifest`` (aligned manifest path or DataFrame), ``clean``
         (npy, index) and optional ``masked`` (npy, index): 112x96 crop caches, or with ``mirrored`` caches of
         (sample, mirror image) pairs of any shape. ``exclude``: {dataset: identities to leave out}."""
@@ -185,7 +199,8 @@ class TrainData:
             man = src["manifest"]
             man = pd.read_parquet(man, columns=["image_id", "identity", "status"]) if not isinstance(man, pd.DataFrame) else man
             sel = select_training(man, statuses=statuses, min_images=min_images,
-                                  exclude_identities=(exclude or {}).get(src["dataset"], ()))
+                                  exclude_identities=(exclude or {}).get(src["dataset"], ()),
+                                  people_fraction=people_fraction)
             c_arr, c_idx = open_cache(*src["clean"], sample_shape=shape)
             crow = sel["image_id"].map(dict(zip(c_idx["image_id"], c_idx["row"])))
             if crow.isna().any():
@@ -376,4 +391,5 @@ def build_data(spec: Mapping[str, Any]) -> TrainData:
     need_masked = float(cfg["mask_fraction"]) > 0
     sources = [dict(s, masked=s.get("masked") if need_masked else None) for s in spec["sources"]]
     return TrainData.from_sources(sources, statuses=cfg["statuses"], min_images=cfg["min_images"],
-                                  exclude=exclude, need_masked=need_masked, mirrored=cfg["init"] is not None)
+                                  exclude=exclude, need_masked=need_masked, mirrored=cfg["init"] is not None,
+                                  people_fraction=cfg["people_fraction"])
