@@ -336,6 +336,18 @@ def test_a_rebuilt_index_with_new_provenance_keeps_the_digest(tmp_path):
     assert spec_digest(spec) != first
 
 
+def test_an_init_checkpoint_file_is_in_the_digest_by_its_content(tmp_path):
+    """train.init naming a checkpoint file: a run started from other weights under the same path starts over."""
+    init = tmp_path / "init.pt"
+    init.write_bytes(b"one")
+    spec = {"run": "t", "train": {"init": str(init)}, "sources": []}
+    first = spec_digest(spec)
+    assert spec_digest(spec) == first
+    init.write_bytes(b"two")
+    assert spec_digest(spec) != first
+    assert spec_digest({**spec, "train": {"init": "dlib-resnet"}}) != first
+
+
 def test_an_option_added_later_keeps_the_digest_of_runs_that_do_not_use_it(tmp_path, monkeypatch):
     """train.mask_variants came after runs existed: at 1 it is left out of the digest, so a half-done run
     resumes its checkpoint under the new code; at 3 the digest changes."""
@@ -366,6 +378,10 @@ def test_people_fraction_keeps_nested_shares_of_the_people_after_min_images_and_
     kept = set(sel["identity"])
     assert kept == people_subset(set(people) - excl, 0.5) and "Solo" not in kept
     assert (sel.groupby("identity").size() == 2).all()          # whole people, every image of each
+    with pytest.raises(ValueError, match="people_fraction 1e-06 keeps none of the 4 training people"):
+        select_training(man.head(8), people_fraction=1e-6)
+    with pytest.raises(ValueError, match=r"people_fraction must be in \(0, 1\]"):
+        tc.with_preset({"people_fraction": 0}, gpu_here=False)
     spec = {"run": "t", "train": {"init": "dlib-resnet"}, "sources": []}
     with pytest.MonkeyPatch.context() as m:
         m.delitem(tc.DEFAULTS, "people_fraction")

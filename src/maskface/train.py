@@ -241,8 +241,9 @@ def weight_ensemble(net: nn.Module, init: nn.Module, alpha: float) -> None:
     if own.keys() != start.keys():
         raise ValueError(f"train.wise_alpha: the initial network's tensors differ from the trained one's "
                          f"({sorted(set(own) ^ set(start))[:4]}...)")
-    mixed = {k: alpha * v + (1.0 - alpha) * start[k].to(v.device, v.dtype) if v.is_floating_point() else v
-             for k, v in own.items()}
+    # start + alpha * (own - start): exact where a weight never moved (the frozen part), whatever alpha
+    mixed = {k: start[k].to(v.device, v.dtype) + alpha * (v - start[k].to(v.device, v.dtype))
+             if v.is_floating_point() else v for k, v in own.items()}
     net.load_state_dict(mixed)
 
 
@@ -268,6 +269,9 @@ def spec_digest(spec: Mapping[str, Any]) -> str:
             for s in spec.get("sources", [])]
     core = {"train": train, "data": data, "fold": spec.get("fold"), "seed": spec.get("seed"),
             "exclude_fold": spec.get("exclude_fold"), "pairs": _ident(spec.get("pairs"))}
+    init = train.get("init")
+    if init not in (None, "dlib-resnet"):     # a checkpoint file: its content, not only its path
+        core["init_file"] = _file_id(init)
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

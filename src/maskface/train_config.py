@@ -127,6 +127,8 @@ def with_preset(user: Optional[Mapping[str, Any]], gpu_here: bool) -> dict:
                          f"fine-tuned ones are averaged with); SphereFace from scratch has none")
     if not 0.0 <= float(cfg["wise_alpha"]) <= 1.0:
         raise ValueError(f"train.wise_alpha must be in [0, 1], got {cfg['wise_alpha']}")
+    if not 0.0 < float(cfg["people_fraction"]) <= 1.0:
+        raise ValueError(f"train.people_fraction must be in (0, 1], got {cfg['people_fraction']}")
     if int(cfg["mask_variants"]) > 1 and cfg["init"] is None:
         raise ValueError(f"train.mask_variants {cfg['mask_variants']} needs train.init (the masked chips of a chip "
                          f"network); SphereFace's 112x96 crops have the mask stage's one mask per image")

@@ -147,7 +147,11 @@ def select_training(manifest: pd.DataFrame, *, statuses: Sequence[str] = ("ok",)
     counts = df["identity"].value_counts()
     df = df[df["identity"].map(counts) >= int(min_images)]
     if float(people_fraction) < 1.0:
-        df = df[df["identity"].isin(people_subset(df["identity"].unique(), people_fraction))]
+        people = df["identity"].unique()
+        df = df[df["identity"].isin(people_subset(people, people_fraction))]
+        if len(people) and df.empty:
+            raise ValueError(f"train.people_fraction {people_fraction} keeps none of the {len(people)} training "
+                             f"people; raise it")
     return df.sort_values("image_id", kind="stable").reset_index(drop=True)
 
 
