@@ -44,6 +44,26 @@ def test_cuda_without_cuda_names_the_reason(no_cuda, monkeypatch):
         resolve_device("gpu", "align.device")
 
 
+def test_a_multi_gpu_run_tells_too_few_gpus_given_from_gpus_cuda_cannot_use(no_cuda, monkeypatch):
+    monkeypatch.setattr(devices, "_why_no_cuda", lambda: "torch 9.9 (built for CUDA 13.0): driver too old")
+    counts = {"n": 0}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: counts["n"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")       # given 2 (by SLURM, say), CUDA finds none
+    with pytest.raises(DeviceError, match=r"train.gpus is 2 and this job was given 2 GPU\(s\) "
+                                          r"\(CUDA_VISIBLE_DEVICES=0,1\), but CUDA finds 0: .*driver too old"):
+        devices.require_gpus(2, "train.gpus")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")         # given 1 of the 2 it needs
+    counts["n"] = 1
+    with pytest.raises(DeviceError, match=r"train.gpus is 2 but this job sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES=3\): "
+                                          r"ask the scheduler for 2 GPUs on one node"):
+        devices.require_gpus(2, "train.gpus")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(DeviceError, match=r"sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES=unset\)"):
+        devices.require_gpus(4, "train.gpus")
+    counts["n"] = 4
+    assert devices.require_gpus(4, "train.gpus") == 4
+
+
 def test_the_real_reason_on_this_machine(no_cuda):
     """Whatever torch says here (a CPU build, or a CUDA build without a driver), it is one line."""
     reason = devices._why_no_cuda()

@@ -29,6 +29,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from maskface.testing import write_training_workdir
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "slurm" / "local_slurm.sh"
 PROFILE = REPO / "profiles" / "slurm"
@@ -58,8 +60,8 @@ def _run(cmd, log: Path, timeout: float, env=None) -> tuple[int | None, str]:
     return rc, log.read_text(errors="replace")
 
 
-def _script(action: str, log: Path, timeout: float) -> tuple[int | None, str]:
-    env = {**os.environ, "LOCAL_SLURM_LOCK_HELD": "1"}   # this test holds the lock for its whole run
+def _script(action: str, log: Path, timeout: float, env=None) -> tuple[int | None, str]:
+    env = {**(env or os.environ), "LOCAL_SLURM_LOCK_HELD": "1"}   # this test holds the lock for its whole run
     return _run(["bash", SCRIPT, action], log, timeout, env)
 
 
@@ -113,11 +115,48 @@ def _pids(*pidfiles: str) -> list[int]:
     return pids
 
 
-def test_manifests_target_runs_through_slurm_with_the_profile(tmp_path):
+def _need_root_and_slurm() -> None:
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         pytest.skip("needs root on Linux: installs Debian's slurm packages, writes /etc/slurm, starts daemons")
     if not shutil.which("apt-get") and not all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged")):
         pytest.skip("SLURM (slurmctld, slurmd, sbatch, munged) not installed and no apt-get to install it")
+
+
+@contextlib.contextmanager
+def _local_cluster(logs: Path, left, gpus: int = 0):
+    """The one-node cluster for the body of the with-block (`gpus` stand-in GPUs: gres/gpu on /dev/null
+    copies), torn down afterwards whatever happened; then checks that the machine is left clean: daemons gone,
+    no pid file (a stale /run/slurmctld.pid breaks purging the packages), no generated config."""
+    with _cluster_lock(timeout=60):
+        try:
+            env = {**os.environ, "LOCAL_SLURM_GPUS": str(gpus)}
+            rc, out = _script("up", logs / "up.log", timeout=min(240, left()), env=env)
+            if rc == 77:
+                pytest.skip(f"no local SLURM possible here: {out.strip().splitlines()[-1]}")
+            assert rc == 0, f"local_slurm.sh up {'timed out' if rc is None else f'failed ({rc})'}:\n{out[-3000:]}"
+            yield
+        finally:
+            daemons = _pids("/run/slurmctld.pid", "/run/slurmd.pid", "/run/munge/munged.pid")
+            rc, down = _script("down", logs / "down.log", timeout=DOWN_S)
+        assert rc == 0, f"local_slurm.sh down {'timed out' if rc is None else f'failed ({rc})'}:\n{down[-3000:]}"
+        assert not [p for p in daemons if Path(f"/proc/{p}").exists()], down
+        for f in ("/run/slurmctld.pid", "/run/slurmd.pid", "/run/munge/munged.pid", "/etc/slurm/slurm.conf",
+                  "/etc/slurm/gres.conf", "/run/gugugirls-fake-gpus"):
+            assert not Path(f).exists(), f
+
+
+def _snakemake(work: Path, logs: Path, budget: float, *args: str) -> str:
+    """snakemake through profiles/slurm in `work`; returns its output (asserts it ended within the budget)."""
+    env = {k: v for k, v in os.environ.items() if k != "MASKFACE_SLURM_PARTITION"}
+    cmd = [sys.executable, "-m", "snakemake", "-s", REPO / "Snakefile", "-d", work, "--profile", PROFILE,
+           "--slurm-keep-successful-logs", *args]
+    rc, out = _run(cmd, logs / "snakemake.log", timeout=budget, env=env)
+    assert rc is not None, f"snakemake through SLURM not done in {budget:.0f} s:\n{out[-4000:]}"
+    return out if rc == 0 else f"{out}\n[exit status {rc}]"
+
+
+def test_manifests_target_runs_through_slurm_with_the_profile(tmp_path):
+    _need_root_and_slurm()
     start = time.monotonic()
     left = lambda: BUDGET_S - (time.monotonic() - start)  # noqa: E731
     data, work, logs = tmp_path / "data", tmp_path / "work", tmp_path / "logs"
@@ -128,50 +167,63 @@ def test_manifests_target_runs_through_slurm_with_the_profile(tmp_path):
         {"datasets": {"tiny": {"source": str(data), "format": "lfw", "pairs": str(data / "pairs.txt")}},
          "slurm": {"partition": PARTITION}}))
 
-    with _cluster_lock(timeout=60):
-        try:
-            rc, out = _script("up", logs / "up.log", timeout=min(240, left()))
-            if rc == 77:
-                pytest.skip(f"no local SLURM possible here: {out.strip().splitlines()[-1]}")
-            assert rc == 0, f"local_slurm.sh up {'timed out' if rc is None else f'failed ({rc})'}:\n{out[-3000:]}"
+    with _local_cluster(logs, left):
+        out = _snakemake(work, logs, left(), "manifests", "--groups", *(f"{r}=tiny" for r in RULES))
+        assert "[exit status" not in out, f"snakemake through SLURM failed:\n{out[-4000:]}"
 
-            env = {k: v for k, v in os.environ.items() if k != "MASKFACE_SLURM_PARTITION"}
-            cmd = [sys.executable, "-m", "snakemake", "-s", REPO / "Snakefile", "-d", work, "--profile", PROFILE,
-                   "--slurm-keep-successful-logs", "manifests", "--groups", *(f"{r}=tiny" for r in RULES)]
-            budget = left()
-            rc, out = _run(cmd, logs / "snakemake.log", timeout=budget, env=env)
-            assert rc is not None, f"snakemake through SLURM not done in {budget:.0f} s:\n{out[-4000:]}"
-            assert rc == 0, f"snakemake through SLURM failed ({rc}):\n{out[-4000:]}"
+        # outputs, as in the local run of tests/test_workflow.py
+        raw = pd.read_parquet(work / "results/manifests/tiny/raw.parquet")
+        assert len(raw) == 4 and set(raw["status"]) == {"ok"}
+        pairs = pd.read_parquet(work / "results/manifests/tiny/pairs.parquet")
+        assert list(pairs["same"]) == [True, False]
 
-            # outputs, as in the local run of tests/test_workflow.py
-            raw = pd.read_parquet(work / "results/manifests/tiny/raw.parquet")
-            assert len(raw) == 4 and set(raw["status"]) == {"ok"}
-            pairs = pd.read_parquet(work / "results/manifests/tiny/pairs.parquet")
-            assert list(pairs["same"]) == [True, False]
+        # it went through sbatch: one group job, with the rules' resources combined (threads and mem_mb: the
+        # largest; runtime: the sum, the rules running one after the other) and the config's partition
+        submitted = SUBMITTED.findall(out)
+        assert len(submitted) == 1, out[-4000:]
+        jid, log = submitted[0]
+        job = _job(jid)
+        assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
+        assert job["Partition"] == PARTITION and job["BatchFlag"] == "1", job
+        assert int(job["NumCPUs"]) == 2 and _mib(job["MinMemoryNode"]) == 4096, job
+        assert job["TimeLimit"] == "02:10:00" and Path(job["WorkDir"]) == work, job   # 120 + 10 min
+        # the job's own output (kept by --slurm-keep-successful-logs): each rule ran inside it
+        assert Path(job["StdOut"]) == Path(log) and Path(log).parent.parent == work / ".snakemake/slurm_logs"
+        job_log = Path(log).read_text()
+        for rule in RULES:
+            assert re.search(rf"Finished jobid: \d+ \(Rule: {rule}\)", job_log), job_log[-3000:]
+        # download ran on the submit host (compute nodes often have no internet), not in the job
+        assert "(Rule: download)" not in job_log and (work / "results/datasets/tiny/dataset.json").is_file()
 
-            # it went through sbatch: one group job, with the rules' resources combined (threads and mem_mb: the
-            # largest; runtime: the sum, the rules running one after the other) and the config's partition
-            submitted = SUBMITTED.findall(out)
-            assert len(submitted) == 1, out[-4000:]
-            jid, log = submitted[0]
-            job = _job(jid)
-            assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
-            assert job["Partition"] == PARTITION and job["BatchFlag"] == "1", job
-            assert int(job["NumCPUs"]) == 2 and _mib(job["MinMemoryNode"]) == 4096, job
-            assert job["TimeLimit"] == "02:10:00" and Path(job["WorkDir"]) == work, job   # 120 + 10 min
-            # the job's own output (kept by --slurm-keep-successful-logs): each rule ran inside it
-            assert Path(job["StdOut"]) == Path(log) and Path(log).parent.parent == work / ".snakemake/slurm_logs"
-            job_log = Path(log).read_text()
-            for rule in RULES:
-                assert re.search(rf"Finished jobid: \d+ \(Rule: {rule}\)", job_log), job_log[-3000:]
-            # download ran on the submit host (compute nodes often have no internet), not in the job
-            assert "(Rule: download)" not in job_log and (work / "results/datasets/tiny/dataset.json").is_file()
-        finally:
-            daemons = _pids("/run/slurmctld.pid", "/run/slurmd.pid", "/run/munge/munged.pid")
-            rc, down = _script("down", logs / "down.log", timeout=DOWN_S)
-        assert rc == 0, f"local_slurm.sh down {'timed out' if rc is None else f'failed ({rc})'}:\n{down[-3000:]}"
-        # the machine is left clean: daemons gone, no pid file (a stale /run/slurmctld.pid breaks purging the
-        # packages), no generated config
-        assert not [p for p in daemons if Path(f"/proc/{p}").exists()], down
-        for f in ("/run/slurmctld.pid", "/run/slurmd.pid", "/run/munge/munged.pid", "/etc/slurm/slurm.conf"):
-            assert not Path(f).exists(), f
+
+def test_a_multi_gpu_train_job_is_one_task_on_one_node_and_its_step_is_given_every_gpu(tmp_path):
+    """train.gpus 2 through the profile on a cluster with 2 stand-in GPUs: one sbatch job of one node and one
+    task asking for 2 GPUs, and the job step (the one srun that runs the rule's script, which would start
+    torchrun) is given both (CUDA_VISIBLE_DEVICES=0,1), not one GPU per task as with --ntasks-per-gpu. CUDA
+    finds none of the stand-ins, so the script then stops before torchrun, once, with the error that tells a
+    GPU that CUDA cannot use from one that was never given; with train.device auto it does not fall back to
+    the CPU. Only the training stage runs (its inputs are empty stand-ins: the job stops before reading them)."""
+    _need_root_and_slurm()
+    start = time.monotonic()
+    left = lambda: BUDGET_S - (time.monotonic() - start)  # noqa: E731
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    work.mkdir()
+    logs.mkdir()
+    write_training_workdir(work, {"folds": [1], "name": "t", "gpus": 2, "threads": 1, "device": "auto"})
+
+    with _local_cluster(logs, left, gpus=2):
+        # the rule asks 16 + 8 GB for 2 GPUs, more than this machine has: this test's node would never run it
+        out = _snakemake(work, logs, left(), "train_all", "--set-resources", "train:mem_mb=4096")
+        assert out.endswith("[exit status 1]"), out[-4000:]
+        submitted = SUBMITTED.findall(out)
+        assert len(submitted) == 1, out[-4000:]       # the train job; nothing after it ran
+        jid, log = submitted[0]
+        job = _job(jid)
+        assert job["JobState"] == "FAILED", job
+        assert job["NumNodes"] == "1" and job["NumTasks"] == "1" and int(job["NumCPUs"]) == 2, job
+        assert job.get("TresPerJob") == "gres:gpu:2", job
+        rule_log = (work / "results/logs/train/t-fold1-seed1.log").read_text()
+        given = ("train.gpus is 2 and this job was given 2 GPU(s) (CUDA_VISIBLE_DEVICES=0,1), but CUDA finds 0")
+        assert rule_log.count(given) == 1, rule_log[-3000:]      # the script ran once, with both GPUs
+        assert "launching" not in rule_log, rule_log[-3000:]
+        assert not (work / "results/models/t-fold1-seed1/model.pt").exists()

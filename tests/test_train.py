@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from maskface.imageio import encode_png
+from maskface.testing import write_training_workdir
 from maskface.foldeval import evaluate_fold, summarize_evals
 from maskface.train import spec_digest, train_run
 from maskface.train_config import merged, run_names
@@ -512,14 +513,7 @@ def test_schema_defaults_mirror_train_defaults():
 
 def _dry_run_training(tmp_path: Path, train: dict, cores: int = 1, ok: bool = True) -> str:
     """`snakemake -n train_all` with the upstream stages' outputs present (it plans the training stage only)."""
-    cfg = {"datasets": {"lfw": {"source": str(tmp_path), "format": "lfw", "pairs": str(tmp_path / "pairs.txt")}},
-           "train": train}
-    (tmp_path / "config.yaml").write_text(json.dumps(cfg))
-    (tmp_path / "pairs.txt").write_text("2\t1\n")     # a config's local paths must exist
-    for f in ("manifests/lfw/aligned.parquet", "manifests/lfw/pairs.parquet", "train_cache/lfw/clean.npy",
-              "train_cache/lfw/clean.parquet", "train_cache/lfw/masked.npy", "train_cache/lfw/masked.parquet"):
-        (tmp_path / "results" / f).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "results" / f).write_bytes(b"")
+    write_training_workdir(tmp_path, train)
     res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
                           "-n", "--cores", str(cores), "train_all"], capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
@@ -540,7 +534,8 @@ def test_a_multi_gpu_run_becomes_one_slurm_job_of_one_node_one_task_and_n_gpus(t
     """The planned train job's resources (train.gpus 4) through snakemake-executor-plugin-slurm's own
     functions: sbatch asks for one node, 4 GPUs, the threads as cpus of one task (no --ntasks-per-gpu, which
     would start the script once per GPU), and the job step's srun is one task that sees all 4 GPUs (torchrun
-    then starts the 4 ranks). Checked on the generated lines: the local test cluster declares no GPUs."""
+    then starts the 4 ranks). Checked on the generated lines, for 4 GPUs; tests/test_slurm.py runs a 2-GPU train
+    job on the local test cluster's stand-in GPUs."""
     from types import SimpleNamespace
 
     pytest.importorskip("snakemake_executor_plugin_slurm")

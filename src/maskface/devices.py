@@ -116,6 +116,27 @@ def _why_no_cuda() -> str:
     return f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees no CUDA device"
 
 
+def require_gpus(n: int, key: str) -> int:
+    """Check, before a multi-GPU run starts its ranks, that CUDA finds at least ``n`` GPUs (``key`` names the
+    setting, e.g. ``train.gpus``); returns the count. The error tells the two cases apart: the job was given
+    fewer GPUs than it needs (ask the scheduler for more), or it was given enough and CUDA cannot use them (a
+    torch build too new for the driver, say)."""
+    import torch
+
+    seen = torch.cuda.device_count()
+    if seen >= n:
+        return seen
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    listed = [d for d in (given or "").split(",") if d.strip() and d.strip() != "-1"]
+    if len(listed) >= n:
+        raise DeviceError(f"{key} is {n} and this job was given {len(listed)} GPU(s) (CUDA_VISIBLE_DEVICES={given}), "
+                          f"but CUDA finds {seen}: {_why_no_cuda()}. Install a torch build for this driver, or "
+                          f"run on the CPU (device: cpu, {key}: 1).")
+    raise DeviceError(f"{key} is {n} but this job sees {seen} GPU(s) (CUDA_VISIBLE_DEVICES="
+                      f"{'unset' if given is None else given}): ask the scheduler for {n} GPUs on one node, or "
+                      f"lower {key}")
+
+
 def resolve_device(device: str, key: str, rank: Optional[int] = None) -> str:
     """The one device resolution of every stage: ``cpu`` or ``cuda`` (``cuda:<rank>`` for a rank of a
     multi-GPU run) for a stage's ``device`` setting (``auto``, ``cpu``, ``cuda``); ``key`` names the setting in

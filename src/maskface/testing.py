@@ -48,3 +48,26 @@ def write_bad_inputs(folder: str | os.PathLike, *, size: int = 64, seed: int = 0
     Image.fromarray(gray16).save(folder / "gray16.png")
     Image.fromarray(np.dstack([rgb, np.full((size, size), 200, np.uint8)]), mode="RGBA").save(folder / "rgba.png")
     return dict(BAD_INPUTS)
+
+
+# the outputs of the stages upstream of training for an LFW-format dataset named lfw (paths under results/)
+TRAINING_UPSTREAM = ("manifests/lfw/aligned.parquet", "manifests/lfw/pairs.parquet", "train_cache/lfw/clean.npy",
+                     "train_cache/lfw/clean.parquet", "train_cache/lfw/masked.npy", "train_cache/lfw/masked.parquet")
+
+
+def write_training_workdir(workdir: str | os.PathLike, train: dict) -> Path:
+    """A Snakemake working folder in which only the training stage is left to plan: ``config.yaml`` (a dataset
+    ``lfw`` and the ``train`` section given) and empty stand-ins for the upstream stages' outputs, which
+    Snakemake takes as done (no code or parameter records: nothing triggers their rerun). For dry runs and for
+    jobs that stop before they read their inputs. Returns the config file."""
+    import json
+
+    root = Path(workdir)
+    cfg = {"datasets": {"lfw": {"source": str(root), "format": "lfw", "pairs": str(root / "pairs.txt")}},
+           "train": train}
+    (root / "pairs.txt").write_text("2\t1\n")     # a config's local paths must exist
+    for f in TRAINING_UPSTREAM:
+        (root / "results" / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / "results" / f).write_bytes(b"")
+    (root / "config.yaml").write_text(json.dumps(cfg))
+    return root / "config.yaml"

@@ -87,7 +87,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .datasets import parse_pairs
-from .devices import claim_gpus, describe, precision_policy, resolve_device
+from .devices import claim_gpus, describe, precision_policy, require_gpus, resolve_device
 from .fileio import atomic_path, read_json, write_json
 from .foldeval import evaluate_fold
 from .manifest import code_version, git_commit, sha256_file
@@ -735,11 +735,7 @@ def launch(spec: Mapping[str, Any], out_dir: str | os.PathLike) -> Optional[dict
     gpus = int(spec["train"]["gpus"])
     if gpus > 1 and spec["train"]["device"] != "cpu":
         claim_gpus(gpus)
-        seen = torch.cuda.device_count()
-        if seen < gpus:
-            raise RuntimeError(f"train.gpus is {gpus} but this job sees {seen} GPU(s) (CUDA_VISIBLE_DEVICES="
-                               f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): ask the scheduler for {gpus} "
-                               f"GPUs on one node, or lower train.gpus")
+        require_gpus(gpus, "train.gpus")
     if gpus <= 1:
         return train_run(spec, out)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
