@@ -178,18 +178,25 @@ def alignment(device: str, lfw: Path, n: int, cpu_workers: int) -> tuple[dict, l
 
     items = _lfw_images(lfw, n)
     runs = {}
-    for name, cfg in (("device", AlignConfig.from_mapping({"device": device})),
-                      ("cpu", AlignConfig.from_mapping({"device": "cpu", "workers": cpu_workers}))):
+    # the device alone (decoding in its own process), the device fed by cpu_workers decoding processes (the
+    # stage's layout on a GPU with align.threads = cpu_workers + 1), and cpu_workers CPU processes
+    for name, cfg, decoders in (("device", AlignConfig.from_mapping({"device": device, "workers": 1}), 0),
+                                ("device_fed", AlignConfig.from_mapping({"device": device}), cpu_workers),
+                                ("cpu", AlignConfig.from_mapping({"device": "cpu", "workers": cpu_workers}), None)):
         t0 = time.perf_counter()
-        recs = align_items(items, cfg, "center", progress=False, desc=f"align {name}")
+        recs = align_items(items, cfg, "center", progress=False, desc=f"align {name}", decoders=decoders)
         runs[name] = (recs, time.perf_counter() - t0)
     (dev, t_dev), (cpu, t_cpu) = runs["device"], runs["cpu"]
+    fed_same = all(a["status"] == b["status"] and a.get("bbox") == b.get("bbox")
+                   for a, b in zip(runs["device_fed"][0], dev))
     ious, px = [], []
     for a, b in zip(dev, cpu):
         if a.get("bbox") is not None and b.get("bbox") is not None and not a.get("fallback") and not b.get("fallback"):
             ious.append(_iou(a["bbox"], b["bbox"]))
             px.append(float(np.abs(np.asarray(a["landmarks5"]) - np.asarray(b["landmarks5"])).max()))
-    return ({"images": len(items), "device_img_s": len(items) / t_dev, "cpu_img_s": len(items) / t_cpu,
+    return ({"images": len(items), "device_img_s": len(items) / t_dev,
+             "device_fed_img_s": len(items) / runs["device_fed"][1], "device_fed_same_boxes": fed_same,
+             "cpu_img_s": len(items) / t_cpu,
              "cpu_workers": cpu_workers, "compared": len(ious), "box_iou_min": float(np.min(ious)) if ious else None,
              "box_iou_mean": float(np.mean(ious)) if ious else None,
              "landmarks_max_px_p99": float(np.percentile(px, 99)) if px else None,

@@ -7,6 +7,7 @@ test_align_lfw.py and skip when LFW is absent.
 from __future__ import annotations
 
 import math
+import multiprocessing
 
 import numpy as np
 import pandas as pd
@@ -320,3 +321,49 @@ def test_a_cuda_error_stops_the_job_instead_of_error_rows(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         A.align_items(_noise_items(tmp_path), cfg, "largest", progress=False)
     assert not A.device_failed(ValueError("CUDA error in a file name"))       # not a RuntimeError of torch
+
+
+class _NoFaceDetector:
+    """Stands in for the MTCNN detector on any device: no face in any image, batched or not."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def detect(self, imgs):
+        return [(np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)) for _ in imgs]
+
+
+def test_decoding_processes_only_feed_a_gpu():
+    assert [A.decode_processes("cuda", w) for w in (1, 2, 4)] == [0, 1, 3]
+    assert [A.decode_processes("cpu", w) for w in (1, 2, 4)] == [0, 0, 0]
+
+
+def test_the_gpu_path_decodes_in_worker_processes_and_gives_the_records_of_one_process(bad_folder, tmp_path,
+                                                                                       monkeypatch, caplog):
+    """device cuda with 3 workers: the job's process detects (a stand-in detector: no CUDA here) while 2
+    worker processes decode chunks of 2 images ahead of it; every record, bad inputs included, is the one the
+    single-process path gives, in input order."""
+    items = _items(bad_folder) + _noise_items(tmp_path, n=5)
+    mapping = {"on_no_face": "center_crop", "workers": 3, "batch_size": 2}
+    monkeypatch.setattr(A, "Detector", _NoFaceDetector)
+    one = A.align_items(items, A.AlignConfig.from_mapping({**mapping, "device": "cpu", "workers": 1}), "largest",
+                        progress=False)
+    monkeypatch.setattr(A, "resolve_device", lambda device, key: "cuda")
+    monkeypatch.setattr(A, "describe", lambda device: "device cuda (stand-in)")
+    with caplog.at_level("INFO", logger=A.log.name):
+        fed = A.align_items(items, A.AlignConfig.from_mapping({**mapping, "device": "cuda"}), "largest",
+                            progress=False)
+    assert "batch 2, 1 detecting process(es), 2 decoding" in caplog.text
+    assert [r["image_id"] for r in fed] == [it["image_id"] for it in items]
+    assert fed == one
+    assert {r["status"] for r in fed} >= {"unreadable", "empty", "not_an_image", "center_crop"}
+
+
+def test_a_detection_error_on_the_gpu_path_stops_the_decoders(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "Detector", _FailingDetector)
+    monkeypatch.setattr(_FailingDetector, "batch_exc",
+                        RuntimeError("CUDA error: an illegal memory access was encountered"))
+    cfg = A.AlignConfig.from_mapping({"device": "cpu", "workers": 1, "batch_size": 2, "on_no_face": "skip"})
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        A.align_items(_noise_items(tmp_path, n=8), cfg, "largest", progress=False, decoders=2)
+    assert not multiprocessing.active_children()      # the decoding workers were stopped, not left running

@@ -150,3 +150,19 @@ def test_fidelity_report_on_lfw(lfw_images, tmp_path):
     assert rep["transformed"]["n"] == 4 and rep["redetected"]["sample"] == 4
     assert rep["redetected"]["redetected"] == 4
     assert rep["transformed"]["mean_px"] < 4 and rep["redetected"]["mean_px"] < 5
+
+
+def test_decoding_workers_feeding_one_detector_give_the_records_of_the_cpu_workers(lfw_images):
+    """The GPU path's layout (one detecting process, decoding worker processes ahead of it), run on the CPU
+    with LFW faces in chunks of 2: the same faces, landmarks and crops as two CPU workers each decoding and
+    detecting their own chunks (to float tolerance: the two paths run torch in different processes)."""
+    items = [{"image_id": i, "identity": i.split("/")[0], "src": str(lfw_images / i), "shard": 0} for i in SAMPLE]
+    cfg = A.AlignConfig.from_mapping({"device": "cpu", "workers": 2, "batch_size": 2})
+    ref = A.align_items(items, cfg, "center", progress=False)
+    fed = A.align_items(items, cfg, "center", progress=False, decoders=2)
+    assert [r["image_id"] for r in fed] == SAMPLE
+    for a, b in zip(fed, ref):
+        assert a["status"] == b["status"] == "ok" and a["n_faces"] == b["n_faces"]
+        np.testing.assert_allclose(a["landmarks5"], b["landmarks5"], atol=0.05)
+        diff = np.abs(decode_png(a["png"]).astype(int) - decode_png(b["png"]).astype(int))
+        assert diff.max() <= 3 and (diff > 0).mean() < 0.05, (a["image_id"], diff.max(), (diff > 0).mean())

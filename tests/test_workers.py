@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import signal
 import shutil
@@ -38,6 +39,25 @@ def test_results_in_task_order_from_several_processes():
     tasks = [float(i) for i in range(9)]
     assert list(imap(math.sqrt, tasks, 2)) == [math.sqrt(t) for t in tasks]
     assert list(imap(math.sqrt, [], 2)) == []
+
+
+def _touch(path: str) -> str:
+    Path(path).touch()
+    return path
+
+
+def test_ahead_bounds_the_tasks_started_before_the_caller_takes_their_results(tmp_path):
+    tasks = [str(tmp_path / f"t{i}") for i in range(10)]
+    gen = imap(_touch, tasks, 2, ahead=3)
+    assert next(gen) == tasks[0]          # 3 submitted; taking the first submits one more
+    time.sleep(2.0)                        # far longer than the workers need for every task
+    started = len(list(tmp_path.iterdir()))
+    assert 2 <= started <= 4, started
+    assert list(gen) == tasks[1:]          # the rest, in order
+    gen = imap(_touch, [str(tmp_path / f"u{i}") for i in range(10)], 2, ahead=2)
+    next(gen)
+    gen.close()                            # a caller that stops early stops the workers
+    assert not multiprocessing.active_children()
 
 
 def test_a_task_error_is_raised_in_the_caller():

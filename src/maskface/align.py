@@ -10,7 +10,9 @@ Workers
     On CPU each worker process runs torch with one intra-op thread and the stage runs ``workers`` such
     processes: on a machine with few cores shared with other jobs, two torch threads in one process were
     slower than one (thread hand-off on tiny convolutions), while two processes scale. Small batches (8) are
-    kept on CPU (the P-net activations stay in cache); on GPU one large batch.
+    kept on CPU (the P-net activations stay in cache); on GPU one large batch (64), detected by the job's own
+    process while ``workers - 1`` worker processes decode the next chunks (at most two each ahead), so that
+    JPEG decoding overlaps the GPU instead of leaving it idle.
 
 Face selection (several faces found; ``n_faces`` records how many)
     ``largest``: the largest box. ``center`` (LFW-style centred crops, the default for ``format: lfw``):
@@ -53,8 +55,8 @@ Manifest columns (``MANIFEST_COLUMNS``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import math
 import os
 import sys
 import time
@@ -137,7 +139,7 @@ class AlignConfig(StageConfig):
     shards: int = setting(8)
     device: str = setting("auto", rerun=False)  # auto | cpu | cuda
     batch_size: int = setting(0, rerun=False)   # 0: 8 on CPU, 64 on GPU
-    workers: int = setting(2, rerun=False)      # CPU processes (GPU: always 1)
+    workers: int = setting(2, rerun=False)      # CPU processes (GPU: 1 detecting, workers - 1 decoding)
 
     def validate(self) -> None:
         if self.template not in TEMPLATES:
@@ -301,39 +303,46 @@ def device_failed(exc: BaseException) -> bool:
                                                                      "CUBLAS_STATUS", "device-side assert"))
 
 
-def _process_chunk(task: tuple[list[dict], str]) -> list[dict]:
-    """Decode, detect (same-size images batched), align and encode one chunk of images."""
-    items, select = task
-    cfg: AlignConfig = _WORKER["cfg"]
-    det: Detector = _WORKER["det"]
-    out: list[dict] = []
+def _decode_chunk(task: tuple[list[dict], str]) -> tuple[list[dict], list[tuple[dict, np.ndarray]]]:
+    """Decode one chunk: (records of the images that cannot be read, with their status and reason; (record,
+    RGB array) of the others). Runs in the detecting process, or in a decoding worker on the GPU path."""
+    items, template = task
+    failed: list[dict] = []
     loaded: list[tuple[dict, np.ndarray]] = []
     for it in items:
-        rec = empty_record(it["image_id"], it["identity"], "error", "", cfg.template, it["shard"])
+        rec = empty_record(it["image_id"], it["identity"], "error", "", template, it["shard"])
         src = it["src"]
         try:
             if isinstance(src, (str, os.PathLike)) and os.path.getsize(src) == 0:
                 rec.update(status="empty", reason="zero-byte file")
-                out.append(rec)
+                failed.append(rec)
                 continue
             if isinstance(src, (bytes, bytearray, memoryview)) and len(src) == 0:
                 rec.update(status="empty", reason="zero bytes")
-                out.append(rec)
+                failed.append(rec)
                 continue
             rgb = load_rgb(src)
         except ImageDecodeError as exc:
             rec.update(status=exc.status, reason=exc.reason)
-            out.append(rec)
+            failed.append(rec)
             continue
         except OSError as exc:
             rec.update(status="unreadable", reason=f"cannot read: {exc}")
-            out.append(rec)
+            failed.append(rec)
             continue
         except Exception as exc:  # noqa: BLE001 - one bad image never stops the stage
             rec.update(status="unreadable", reason=f"decode failed: {type(exc).__name__}: {exc}")
-            out.append(rec)
+            failed.append(rec)
             continue
         loaded.append((rec, rgb))
+    return failed, loaded
+
+
+def _detect_chunk(loaded: list[tuple[dict, np.ndarray]], select: str) -> list[dict]:
+    """Detect (same-size images batched), align and encode decoded images with this process's detector."""
+    cfg: AlignConfig = _WORKER["cfg"]
+    det: Detector = _WORKER["det"]
+    out: list[dict] = []
     groups: dict[tuple, list[tuple[dict, np.ndarray]]] = {}
     for rec, rgb in loaded:
         groups.setdefault(rgb.shape, []).append((rec, rgb))
@@ -358,25 +367,43 @@ def _process_chunk(task: tuple[list[dict], str]) -> list[dict]:
     return out
 
 
+def _process_chunk(task: tuple[list[dict], str]) -> list[dict]:
+    """Decode, detect, align and encode one chunk of images (a CPU worker, or the one process on a GPU)."""
+    items, select = task
+    failed, loaded = _decode_chunk((items, _WORKER["cfg"].template))
+    return failed + _detect_chunk(loaded, select)
+
+
+def decode_processes(device: str, workers: int) -> int:
+    """Worker processes that decode images for the detecting process: on a GPU, ``workers - 1`` (the job's
+    other CPU runs the detector and the warp and PNG encoding of the crops), so that decoding overlaps the GPU;
+    none with one CPU, and none on the CPU (there each worker decodes and detects its own chunks)."""
+    return max(0, int(workers) - 1) if device == "cuda" else 0
+
+
 def align_items(items: list[dict], cfg: AlignConfig, select: str, *, progress: bool = True,
-                desc: str = "align") -> list[dict]:
+                desc: str = "align", decoders: Optional[int] = None) -> list[dict]:
     """Align ``items`` (dicts: image_id, identity, src (path or bytes), shard). Returns one record each
-    (in input order), with the crop's PNG bytes under ``png``. Runs ``cfg.workers`` processes on CPU."""
+    (in input order), with the crop's PNG bytes under ``png``. Runs ``cfg.workers`` processes on CPU; on a GPU
+    one detecting process fed by :func:`decode_processes` decoding ones (``decoders`` overrides that count,
+    for the tests of that path on the CPU)."""
     from tqdm import tqdm
 
     if not items:
         return []
     device = resolve_device(cfg.device, "align.device")
     batch = cfg.resolved_batch(device)
-    workers = 1 if device == "cuda" else max(1, int(cfg.workers))
-    workers = min(workers, max(1, math.ceil(len(items) / batch)))
-    log.info("%s: %s, batch %d, %d worker process(es)", desc, describe(device), batch, workers)
     # order by size so that chunks hold same-size images (facenet-pytorch batches one size only)
     sizes = [(it.get("height") or 0, it.get("width") or 0) for it in items]
     order = sorted(range(len(items)), key=lambda i: (sizes[i], i))
     chunks = [[items[i] for i in order[k:k + batch]] for k in range(0, len(order), batch)]
+    decoders = decode_processes(device, cfg.workers) if decoders is None else max(0, int(decoders))
+    decoders = min(decoders, len(chunks) if len(chunks) > 1 else 0)
+    workers = 1 if device == "cuda" or decoders else max(1, int(cfg.workers))
+    workers = min(workers, len(chunks))
+    log.info("%s: %s, batch %d, %d detecting process(es), %d decoding", desc, describe(device), batch, workers,
+             decoders)
     results: dict[str, dict] = {}
-    tasks = [(ch, select) for ch in chunks]
 
     def bar():
         return tqdm(total=len(items), desc=desc, unit="img", disable=not progress, file=sys.stderr,
@@ -388,10 +415,19 @@ def align_items(items: list[dict], cfg: AlignConfig, select: str, *, progress: b
         _init_worker(cfg, device, 1)
         try:
             with bar() as pbar:
-                for task in tasks:
-                    for rec in _process_chunk(task):
-                        results[rec["image_id"]] = rec
-                    pbar.update(len(task[0]))
+                if decoders:
+                    from .workers import imap
+
+                    # at most two chunks decoded ahead per decoder: memory stays bounded when the GPU is slower
+                    decoded = imap(_decode_chunk, [(ch, cfg.template) for ch in chunks], decoders,
+                                   ahead=2 * decoders, what="align (decoding)")
+                else:
+                    decoded = (_decode_chunk((ch, cfg.template)) for ch in chunks)
+                with contextlib.closing(decoded):      # a detection error stops the decoders at once
+                    for failed, loaded in decoded:
+                        for rec in failed + _detect_chunk(loaded, select):
+                            results[rec["image_id"]] = rec
+                        pbar.update(len(failed) + len(loaded))
         finally:
             torch.set_num_threads(prev)
             _WORKER.clear()
@@ -399,8 +435,8 @@ def align_items(items: list[dict], cfg: AlignConfig, select: str, *, progress: b
         from .workers import imap
 
         with bar() as pbar:
-            for recs in imap(_process_chunk, tasks, workers, initializer=_init_worker, initargs=(cfg, device, 1),
-                             what="align"):
+            for recs in imap(_process_chunk, [(ch, select) for ch in chunks], workers, initializer=_init_worker,
+                             initargs=(cfg, device, 1), what="align"):
                 for rec in recs:
                     results[rec["image_id"]] = rec
                 pbar.update(len(recs))

@@ -25,6 +25,7 @@ rule's log file; the parent raises :class:`WorkerError` naming the exit code.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import multiprocessing as mp
@@ -127,28 +128,43 @@ def _broken(what: str, ex: ProcessPoolExecutor, procs: dict, exc: BaseException)
 
 def imap(fn: Callable[[Any], Any], tasks: Iterable[Any], workers: int, *,
          initializer: Optional[Callable[..., None]] = None, initargs: tuple = (),
-         what: str = "worker") -> Iterator[Any]:
+         what: str = "worker", ahead: Optional[int] = None) -> Iterator[Any]:
     """``fn(task)`` for every task, computed in ``workers`` spawned processes, yielded in task order.
 
     ``fn`` and ``initializer`` must be importable package functions; tasks and results must pickle. A task that
     raises re-raises here (with the worker's traceback as its cause); a worker that dies or cannot start raises
-    :class:`WorkerError` within moments. Either way the remaining workers are stopped."""
+    :class:`WorkerError` within moments. Either way the remaining workers are stopped, and so they are when the
+    caller closes the generator early.
+
+    ``ahead``: at most that many tasks submitted and not yet taken by the caller (at least ``workers``), so that
+    results wait in memory only that far ahead of a slower consumer; None: every task at once."""
     tasks = list(tasks)
     if not tasks:
         return
     n = max(1, min(int(workers), len(tasks)))
+    limit = len(tasks) if ahead is None else max(n, int(ahead))
     ex = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"), initializer=_init,
                              initargs=(initializer, tuple(initargs)))
     procs: dict = {}
+    futures: collections.deque = collections.deque()
+    pending = iter(enumerate(tasks))
+
+    def submit() -> None:
+        while len(futures) < limit:
+            nxt = next(pending, None)
+            if nxt is None:
+                return
+            with _main_not_rerun():   # the executor starts its processes as tasks are submitted
+                futures.append(ex.submit(_call, fn, *nxt))
+            procs.update(getattr(ex, "_processes", None) or {})
+
     try:
         try:
-            with _main_not_rerun():   # the executor starts its processes as tasks are submitted
-                futures = []
-                for i, t in enumerate(tasks):
-                    futures.append(ex.submit(_call, fn, i, t))
-                    procs.update(getattr(ex, "_processes", None) or {})
-            for fut in futures:
-                yield fut.result()
+            submit()
+            while futures:
+                result = futures.popleft().result()
+                submit()
+                yield result
         except BrokenProcessPool as exc:
             procs.update(getattr(ex, "_processes", None) or {})
             raise _broken(what, ex, procs, exc) from exc
