@@ -22,6 +22,7 @@ def test_gpu_check_dry_mode_runs_every_step(lfw, tmp_path):
     assert steps == {"environment", "cuda_tests", "train_throughput", "resume_bit_identical", "bf16_vs_fp32",
                      "alignment", "embedders", "reference_network", "chip_fine_tune", "ddp_2_ranks"}
     assert doc["resume_bit_identical"]["bit_identical"] and doc["alignment"]["compared"] >= 10
+    assert doc["alignment"]["device_fed_same_boxes"] is True
     assert doc["reference_network"]["cpu_vs_dlib"]["min"] >= 0.999
     assert doc["chip_fine_tune"]["images"] >= 10 and min(doc["chip_fine_tune"]["cpu"]["distill"]) > 0
     assert "| resume_bit_identical | yes |" in (tmp_path / "gpu_check.md").read_text()
