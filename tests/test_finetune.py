@@ -343,7 +343,7 @@ def test_fine_tune_through_snakemake_on_real_faces(lfw, tmp_path):
                   "folds": [1], "validation": "next_fold", "init": "dlib-resnet", "frozen_blocks": 12,
                   "head": {"type": "cosface"}, "center_features": True, "head_init": "class_means",
                   "optimizer": "adamw", "lr": 1e-4, "lr_mult": {"head": 10}, "lr_schedule": "cosine", "distill": 5,
-                  "mask_variants": 2,
+                  "mask_variants": 2, "stage": str(tmp_path / "scratch"),
                   "iterations": 4, "batch_size": 8, "min_images": 2, "device": "cpu", "threads": 2,
                   "checkpoint_every": 2, "log_every": 2, "eval_batch_size": 8},
     }
@@ -374,6 +374,11 @@ def test_fine_tune_through_snakemake_on_real_faces(lfw, tmp_path):
         assert doc["folds_run"] == [1] and doc["folds_not_run"] == [2, 3]
         assert doc["protocols"]["clean"]["fold_accuracy"] == [fe["protocols"]["clean"]["accuracy"]]
         assert (res / f"eval/{group}/tinylfw.md").read_text().count("| clean |") == 2
+    # train.stage: each job trained on local copies of its prefix caches, and removed them at its end
+    for group, n_files in (("tft-m50", 2), ("tft-m0", 1)):
+        log_text = (res / f"logs/train/{group}-fold1-seed1.log").read_text()
+        assert f"staged {n_files} cache file(s)" in log_text and str(tmp_path / "scratch") in log_text, log_text[-2000:]
+    assert list((tmp_path / "scratch").iterdir()) == []
     log = pd.read_csv(res / "models/tft-m50-fold1-seed1/train_log.csv")
     assert list(log["iteration"]) == [2, 4] and log["masked_share"].gt(0).all() and log["distill"].gt(0).all()
     assert pd.read_csv(res / "models/tft-m0-fold1-seed1/train_log.csv")["masked_share"].eq(0).all()

@@ -311,6 +311,28 @@ def test_rng_state_holds_the_run_device_only(monkeypatch):
     assert len(calls) == n
 
 
+def test_a_staged_run_reads_local_copies_and_trains_the_same_weights(syn, tmp_path, monkeypatch):
+    """train.stage: the job copies the caches to the folder, the run opens the copies, the result is the run's
+    (stage is not in the digest: the same checkpoint resumes either way), and the copies go when the job ends."""
+    import maskface.train_data as TD
+    from maskface.train import launch, spec_digest
+
+    opened = []
+    real = TD.open_cache
+    monkeypatch.setattr(TD, "open_cache", lambda npy, *a, **k: opened.append(str(npy)) or real(npy, *a, **k))
+    local = tmp_path / "local"
+    spec = _spec(syn, mask_fraction=0.5, iterations=6, stage=str(local))
+    launch(spec, tmp_path / "staged")
+    assert len(opened) == 2 and all(Path(p).parent.parent == local for p in opened), opened
+    assert list(local.iterdir()) == []
+    opened.clear()
+    launch(_spec(syn, mask_fraction=0.5, iterations=6, stage="none"), tmp_path / "in_place")
+    assert opened == [syn["clean"][0], syn["masked"][0]]
+    assert spec_digest(spec) == spec_digest(_spec(syn, mask_fraction=0.5, iterations=6, stage="none"))
+    wa, wb = _weights(tmp_path / "staged" / "model.pt"), _weights(tmp_path / "in_place" / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_other_spec_starts_over(syn, tmp_path):
     spec = _spec(syn)
     train_run(spec, tmp_path / "r", stop_after=3)

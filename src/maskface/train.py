@@ -93,7 +93,8 @@ from .foldeval import evaluate_fold
 from .manifest import code_version, git_commit, sha256_file
 from .models import MarginHead, make_head, preprocess, save_model, sphereface_net
 from .train_config import AFTER_TRAINING, DIGEST_NEUTRAL, NON_SEMANTIC, merged
-from .train_data import BatchStream, StreamSampler, TrainData, build_cache, build_data
+from .staging import stage, unstage
+from .train_data import BatchStream, StreamSampler, TrainData, build_cache, build_data, cache_files
 
 log = logging.getLogger("maskface.train")
 
@@ -732,17 +733,23 @@ def launch(spec: Mapping[str, Any], out_dir: str | os.PathLike) -> Optional[dict
     fewer GPUs than ranks stops: a rank without its own GPU would fail mid-start."""
     out = Path(out_dir)
     write_json(dict(spec), out / "spec.json")
-    gpus = int(spec["train"]["gpus"])
-    if gpus > 1 and spec["train"]["device"] != "cpu":
+    cfg = merged(spec.get("train"))
+    gpus = int(cfg["gpus"])
+    if gpus > 1 and cfg["device"] != "cpu":
         claim_gpus(gpus)
         require_gpus(gpus, "train.gpus")
-    if gpus <= 1:
-        return train_run(spec, out)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           "-m", "maskface.train", "run", "--spec", str(out / "spec.json")]
-    log.info("launching %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=sys.stderr)
-    return None
+    # the caches on the node's local disk, once for every rank (they inherit the mapping), removed at the end
+    copies = stage(cache_files(spec), str(cfg["stage"]))
+    try:
+        if gpus <= 1:
+            return train_run(spec, out)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+               "-m", "maskface.train", "run", "--spec", str(out / "spec.json")]
+        log.info("launching %s", " ".join(cmd))
+        subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=sys.stderr)
+        return None
+    finally:
+        unstage(copies)
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": 2,
     "prefetch": 4,
     "loader_threads": 2,
+    "stage": "auto",
     "checkpoint_every": 500,
     "log_every": 50,
     "keep_checkpoint": True,
@@ -64,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "mask_fractions": None,
 }
 # Keys that do not change the result (a checkpoint written under other values of these is resumed).
-NON_SEMANTIC = ("preset", "mask_fractions", "device", "gpus", "max_cpu_hours", "compile", "threads", "prefetch", "loader_threads", "checkpoint_every", "log_every",
+NON_SEMANTIC = ("preset", "mask_fractions", "device", "gpus", "max_cpu_hours", "compile", "threads", "prefetch", "loader_threads", "stage", "checkpoint_every", "log_every",
                 "keep_checkpoint", "eval_masked", "eval_batch_size", "name", "folds", "seeds", "datasets",
                 "lfw_dataset", "protocol")
 

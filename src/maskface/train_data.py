@@ -47,6 +47,7 @@ import torch
 from .fileio import atomic_path
 from .imageio import decode_png
 from .manifest import write_parquet
+from .staging import staged
 from .train_config import merged
 
 CROP_SHAPE = (112, 96, 3)
@@ -382,6 +383,14 @@ def held_out_folds(spec: Mapping[str, Any], pairs: pd.DataFrame) -> list[int]:
     return [fold]
 
 
+def cache_files(spec: Mapping[str, Any]) -> list[str]:
+    """The cache arrays a run's spec reads (clean, and masked when ``mask_fraction`` > 0): what
+    :func:`maskface.staging.stage` copies to local disk."""
+    need_masked = float(merged(spec.get("train"))["mask_fraction"]) > 0
+    return [str(s[k][0]) for s in spec.get("sources", []) for k in ("clean", "masked")
+            if s.get(k) and (k == "clean" or need_masked) and isinstance(s[k][0], (str, os.PathLike))]
+
+
 def build_data(spec: Mapping[str, Any]) -> TrainData:
     """The training images of a run's spec: its sources, less the held-out folds' people (``held_out_folds``),
     with the masked crops only when ``mask_fraction`` > 0. A run from a pretrained chip network
@@ -393,7 +402,9 @@ def build_data(spec: Mapping[str, Any]) -> TrainData:
         people = set().union(*(fold_identities(pairs, k) for k in held_out_folds(spec, pairs)))
         exclude = {s["dataset"]: people for s in spec["sources"]}
     need_masked = float(cfg["mask_fraction"]) > 0
-    sources = [dict(s, masked=s.get("masked") if need_masked else None) for s in spec["sources"]]
+    local = lambda pair: None if not pair else (staged(pair[0]), pair[1])  # noqa: E731 - the node-local copy
+    sources = [dict(s, clean=local(s["clean"]), masked=local(s.get("masked")) if need_masked else None)
+               for s in spec["sources"]]
     return TrainData.from_sources(sources, statuses=cfg["statuses"], min_images=cfg["min_images"],
                                   exclude=exclude, need_masked=need_masked, mirrored=cfg["init"] is not None,
                                   people_fraction=cfg["people_fraction"])
