@@ -85,3 +85,54 @@ def test_auto_reads_in_place_where_staging_gains_nothing_or_does_not_fit(clean_e
     assert len(copies) == 2 and "staged 2 cache file(s)" in caplog.text and "($SLURM_TMPDIR)" in caplog.text
     S.unstage(copies)
     assert list((tmp_path / "job").iterdir()) == []
+
+
+def test_a_copy_that_fails_half_way_is_removed_and_the_run_reads_in_place(clean_env, tmp_path, caplog):
+    files = [str(f) for f in _caches(tmp_path)]
+    caplog.set_level(logging.INFO, logger=S.log.name)
+    real = shutil.copyfile
+    calls = []
+
+    def full_disk(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    clean_env.setattr(shutil, "copyfile", full_disk)
+    local = tmp_path / "local"
+    assert S.stage(files, str(local)) == {}
+    assert list(local.iterdir()) == [] and S.STAGED_ENV not in os.environ
+    assert "staging to" in caplog.text and "No space left on device" in caplog.text
+    clean_env.setattr(shutil, "copyfile", real)
+    (tmp_path / "file").write_text("")
+    assert S.stage(files, str(tmp_path / "file" / "below")) == {} and "cannot use" in caplog.text
+
+
+def test_folders_of_killed_runs_of_this_host_are_removed_by_the_next_run(clean_env, tmp_path, caplog):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    caplog.set_level(logging.INFO, logger=S.log.name)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()                                        # a process id that no longer runs
+    local = tmp_path / "local"
+    owners = {"killed": (socket.gethostname(), gone.pid), "other-host": ("not-" + socket.gethostname(), gone.pid),
+              "running": (socket.gethostname(), os.getpid())}
+    for name, (host, pid) in owners.items():
+        d = local / (S.PREFIX + name)
+        d.mkdir(parents=True)
+        (d / S.OWNER).write_text(json.dumps({"host": host, "pid": pid, "slurm_job": None}))
+        (d / "0-clean.npy").write_bytes(b"x" * 10)
+    (local / (S.PREFIX + "no-owner")).mkdir()
+    copies = S.stage([str(f) for f in _caches(tmp_path)], str(local))
+    assert "removed" in caplog.text and (S.PREFIX + "killed") in caplog.text
+    left = sorted(p.name for p in local.iterdir())
+    assert left == sorted([S.PREFIX + n for n in ("other-host", "running", "no-owner")]
+                          + [Path(next(iter(copies.values()))).parent.name])
+    owner = json.loads((Path(next(iter(copies.values()))).parent / S.OWNER).read_text())
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    S.unstage(copies)
+    assert S.PREFIX + "running" in {p.name for p in local.iterdir()}

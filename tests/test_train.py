@@ -333,6 +333,55 @@ def test_a_staged_run_reads_local_copies_and_trains_the_same_weights(syn, tmp_pa
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_job_stopped_by_sigterm_removes_its_staged_copies(syn, tmp_path):
+    """scancel, a SLURM time limit and Snakemake's Ctrl-C send SIGTERM: the job exits (143) through its finally
+    blocks, so the copies on the node's disk go with it."""
+    local = tmp_path / "local"
+    spec = _spec(syn, mask_fraction=0.5, iterations=100000, checkpoint_every=100000, stage=str(local))
+    (tmp_path / "spec.json").write_text(json.dumps(spec, default=list))
+    code = ("import json, logging, sys; logging.basicConfig(level=logging.INFO); "
+            "from maskface.train import launch; launch(json.load(open(sys.argv[1])), sys.argv[2])")
+    job = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "spec.json"), str(tmp_path / "run")],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(local.glob("maskface-staged-*/1-*")):
+            assert job.poll() is None, job.stderr.read()
+            time.sleep(0.2)
+        time.sleep(3)                                   # into the training loop
+        assert job.poll() is None
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 143, err[-2000:]
+    assert "staged 2 cache file(s)" in err and "stopped by signal 15" in err
+    assert list(local.iterdir()) == []
+
+
+def test_a_stopped_multi_gpu_job_passes_sigterm_on_to_torchrun(tmp_path):
+    """launch runs torchrun as a child: a SIGTERM to the job reaches it (it stops its ranks), then the job exits."""
+    child = ("import pathlib, signal, sys, time; d = pathlib.Path(sys.argv[1]); "
+             "signal.signal(signal.SIGTERM, lambda *a: ((d / 'child-stopped').write_text(''), sys.exit(0))); "
+             "(d / 'child-ready').write_text(''); time.sleep(120)")
+    parent = ("import sys; from maskface.train import _run_child, _sigterm_exits\n"
+              "with _sigterm_exits():\n"
+              f"    _run_child([sys.executable, '-c', {child!r}, sys.argv[1]])")
+    job = subprocess.Popen([sys.executable, "-c", parent, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (tmp_path / "child-ready").exists():
+            time.sleep(0.1)
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 143, err[-2000:]
+    assert (tmp_path / "child-stopped").exists()
+
+
 def test_other_spec_starts_over(syn, tmp_path):
     spec = _spec(syn)
     train_run(spec, tmp_path / "r", stop_after=3)

@@ -14,10 +14,17 @@ them when it ends. Nothing about the run changes: its spec, digest and checkpoin
   memory (tmpfs) would count against the job's memory: neither is used. Outside SLURM with no
   ``$MASKFACE_SCRATCH``, nothing is staged.
 - ``none``: never.
-- a folder: always that folder.
+- a folder: that folder, even when it shares the caches' filesystem or is a tmpfs (the user's choice).
 
-A folder without room for the caches (their size plus 1 GiB) is not used; the run then reads the originals.
-Each choice, and the reason when nothing is staged, is one line of the job's log.
+A folder without room for the caches (their size plus 1 GiB), or one that cannot be created or written (a
+copy that fails half way is removed), is not used: the run then reads the originals, with a warning in the
+log. Staging never changes a result, so it never fails a job. Each choice, and the reason when nothing is
+staged, is one line of the job's log.
+
+The copies go when the job ends, also when it is stopped (SIGTERM: ``scancel``, a time limit, Snakemake's
+Ctrl-C; :func:`maskface.train.launch` turns it into a normal exit). Only SIGKILL leaves them, so each staged
+folder records its owner (host, process, SLURM job), and the next run that stages into the same folder on
+that host removes the folders whose process is gone.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +42,8 @@ log = logging.getLogger("maskface.staging")
 
 STAGED_ENV = "MASKFACE_STAGED"     # JSON {original path: local copy}, for this process and its children
 MARGIN = 1 << 30                    # free space left on the local disk after the copies
+PREFIX = "maskface-staged-"         # a staged folder's name starts so
+OWNER = "owner.json"                # in each staged folder: {"host", "pid", "slurm_job"}
 
 
 def scratch_folder(setting: str) -> tuple[Optional[Path], str, bool]:
@@ -41,13 +51,13 @@ def scratch_folder(setting: str) -> tuple[Optional[Path], str, bool]:
     if setting == "none":
         return None, "train.stage is none", False
     if setting != "auto":
-        return Path(setting), "train.stage", True
+        return Path(os.path.abspath(setting)), "train.stage", True
     if os.environ.get("MASKFACE_SCRATCH"):
-        return Path(os.environ["MASKFACE_SCRATCH"]), "$MASKFACE_SCRATCH", False
+        return Path(os.path.abspath(os.environ["MASKFACE_SCRATCH"])), "$MASKFACE_SCRATCH", False
     if os.environ.get("SLURM_JOB_ID"):
         for name in ("SLURM_TMPDIR", "TMPDIR"):
             if os.environ.get(name):
-                return Path(os.environ[name]), f"${name}", False
+                return Path(os.path.abspath(os.environ[name])), f"${name}", False
         return None, "a SLURM job without $SLURM_TMPDIR or $TMPDIR (set MASKFACE_SCRATCH or train.stage)", False
     return None, "not a SLURM job and no $MASKFACE_SCRATCH", False
 
@@ -81,6 +91,32 @@ def _fs_type(path: Path) -> Optional[str]:
     return kind
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:             # another user's process: alive
+        return True
+    return True
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Remove the staged folders in ``folder`` left by runs of this host that were killed (their process is
+    gone); return them. Folders of other hosts, and those without a readable owner, are left alone."""
+    host, gone = socket.gethostname(), []
+    for d in sorted(folder.glob(PREFIX + "*")):
+        try:
+            owner = json.loads((d / OWNER).read_text())
+            mine = owner.get("host") == host and not _alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if mine:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
 def stage(paths: Iterable[str | os.PathLike], setting: str = "auto") -> dict[str, str]:
     """Copy ``paths`` to the local folder that ``setting`` names (see the module's text), record the mapping in
     ``$MASKFACE_STAGED`` for this process and its children, and return it ({} when nothing is staged; the
@@ -93,7 +129,7 @@ def stage(paths: Iterable[str | os.PathLike], setting: str = "auto") -> dict[str
         log.info("caches read in place: %s", source)
         return {}
     size = sum(f.stat().st_size for f in files)
-    if not explicit and _device_of(folder) == _device_of(files[0]):
+    if not explicit and _device_of(folder) in {_device_of(f) for f in files}:
         log.info("caches read in place: %s (%s) is on the caches' own filesystem", folder, source)
         return {}
     if not explicit and _fs_type(folder) == "tmpfs":
@@ -102,6 +138,8 @@ def stage(paths: Iterable[str | os.PathLike], setting: str = "auto") -> dict[str
         return {}
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        for d in remove_orphans(folder):
+            log.info("removed %s, staged by a run of this host that was killed", d)
         free = shutil.disk_usage(folder).free
     except OSError as exc:
         log.warning("caches read in place: cannot use %s (%s): %s", folder, source, exc)
@@ -110,18 +148,28 @@ def stage(paths: Iterable[str | os.PathLike], setting: str = "auto") -> dict[str
         log.warning("caches read in place: %s (%s) has %.1f GiB free, the caches need %.1f GiB + 1 GiB",
                     folder, source, free / 2**30, size / 2**30)
         return {}
-    dest = Path(tempfile.mkdtemp(prefix="maskface-staged-", dir=folder))
     mapping: dict[str, str] = {}
+    dest: Optional[Path] = None
     t0 = time.time()
     try:
+        dest = Path(tempfile.mkdtemp(prefix=PREFIX, dir=folder))
+        (dest / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                              "slurm_job": os.environ.get("SLURM_JOB_ID")}))
         for i, f in enumerate(files):
             copy = dest / f"{i}-{f.name}"
             shutil.copyfile(f, copy)
             if copy.stat().st_size != f.stat().st_size:
                 raise OSError(f"{copy}: {copy.stat().st_size} bytes copied of {f.stat().st_size}")
             mapping[os.path.abspath(f)] = str(copy)
+    except OSError as exc:
+        if dest is not None:
+            shutil.rmtree(dest, ignore_errors=True)
+        log.warning("caches read in place: staging to %s (%s) failed, the partial copy is removed: %s",
+                    folder, source, exc)
+        return {}
     except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
+        if dest is not None:
+            shutil.rmtree(dest, ignore_errors=True)
         raise
     dt = time.time() - t0
     log.info("staged %d cache file(s), %.2f GiB, to %s (%s) in %.1f s (%.0f MB/s)", len(files), size / 2**30,

@@ -66,6 +66,7 @@ Command line (what the Snakemake rule runs; torchrun for several GPUs)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -74,8 +75,10 @@ import logging
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -738,18 +741,58 @@ def launch(spec: Mapping[str, Any], out_dir: str | os.PathLike) -> Optional[dict
     if gpus > 1 and cfg["device"] != "cpu":
         claim_gpus(gpus)
         require_gpus(gpus, "train.gpus")
-    # the caches on the node's local disk, once for every rank (they inherit the mapping), removed at the end
-    copies = stage(cache_files(spec), str(cfg["stage"]))
+    with _sigterm_exits():
+        # the caches on the node's local disk, once for every rank (they inherit the mapping), removed at the end
+        copies = stage(cache_files(spec), str(cfg["stage"]))
+        try:
+            if gpus <= 1:
+                return train_run(spec, out)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                   "-m", "maskface.train", "run", "--spec", str(out / "spec.json")]
+            log.info("launching %s", " ".join(cmd))
+            _run_child(cmd)
+            return None
+        finally:
+            unstage(copies)
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (``scancel``, a SLURM time limit, Snakemake stopping its jobs) raises SystemExit(143) in this
+    process, so that its ``finally`` blocks run: staged copies removed, torchrun stopped. Python's default is to
+    die on the spot. Only the main thread can take signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        log.warning("stopped by signal %d", signum)
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, _exit)
     try:
-        if gpus <= 1:
-            return train_run(spec, out)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-               "-m", "maskface.train", "run", "--spec", str(out / "spec.json")]
-        log.info("launching %s", " ".join(cmd))
-        subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=sys.stderr)
-        return None
+        yield
     finally:
-        unstage(copies)
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run_child(cmd: Sequence[str], grace: float = 30.0) -> None:
+    """Run torchrun and wait; when this job is stopped meanwhile, pass SIGTERM on (torchrun stops its ranks)
+    and wait up to ``grace`` seconds before killing it."""
+    child = subprocess.Popen(list(cmd), stdout=sys.stdout, stderr=sys.stderr)
+    try:
+        rc = child.wait()
+    except BaseException:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        raise
+    if rc != 0:
+        raise subprocess.CalledProcessError(rc, list(cmd))
 
 
 # ------------------------------------------------------------------------------------------------- CLI
