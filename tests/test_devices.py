@@ -60,6 +60,15 @@ def test_a_multi_gpu_run_tells_too_few_gpus_given_from_gpus_cuda_cannot_use(no_c
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     with pytest.raises(DeviceError, match=r"sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES=unset\)"):
         devices.require_gpus(4, "train.gpus")
+    counts["n"] = 0                                         # a workstation's 4 GPUs, none usable by CUDA
+    monkeypatch.setattr(devices, "gpu_device_count", lambda: 4)
+    with pytest.raises(DeviceError, match=r"this machine has 4 GPU\(s\) \(CUDA_VISIBLE_DEVICES unset\), but CUDA "
+                                          r"finds 0: .*driver too old"):
+        devices.require_gpus(4, "train.gpus")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "NoDevFiles")   # SLURM's word for no GPU given
+    with pytest.raises(DeviceError, match=r"sees 0 GPU\(s\) \(CUDA_VISIBLE_DEVICES=NoDevFiles\): ask the scheduler"):
+        devices.require_gpus(2, "train.gpus")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     counts["n"] = 4
     assert devices.require_gpus(4, "train.gpus") == 4
 

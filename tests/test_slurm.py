@@ -204,6 +204,11 @@ def test_a_multi_gpu_train_job_is_one_task_on_one_node_and_its_step_is_given_eve
     GPU that CUDA cannot use from one that was never given; with train.device auto it does not fall back to
     the CPU. Only the training stage runs (its inputs are empty stand-ins: the job stops before reading them)."""
     _need_root_and_slurm()
+    from maskface.devices import gpu_device_count
+
+    if gpu_device_count() > 0:
+        pytest.skip("this machine has real NVIDIA GPUs: CUDA could use them, so the stand-ins' failure is not what "
+                    "the job would show")
     start = time.monotonic()
     left = lambda: BUDGET_S - (time.monotonic() - start)  # noqa: E731
     work, logs = tmp_path / "work", tmp_path / "logs"
@@ -221,7 +226,7 @@ def test_a_multi_gpu_train_job_is_one_task_on_one_node_and_its_step_is_given_eve
         job = _job(jid)
         assert job["JobState"] == "FAILED", job
         assert job["NumNodes"] == "1" and job["NumTasks"] == "1" and int(job["NumCPUs"]) == 2, job
-        assert job.get("TresPerJob") == "gres:gpu:2", job
+        assert re.fullmatch(r"gres[:/]gpu:2", job.get("TresPerJob", "")), job     # the spelling varies by version
         rule_log = (work / "results/logs/train/t-fold1-seed1.log").read_text()
         given = ("train.gpus is 2 and this job was given 2 GPU(s) (CUDA_VISIBLE_DEVICES=0,1), but CUDA finds 0")
         assert rule_log.count(given) == 1, rule_log[-3000:]      # the script ran once, with both GPUs

@@ -52,7 +52,7 @@ def test_ahead_bounds_the_tasks_started_before_the_caller_takes_their_results(tm
     assert next(gen) == tasks[0]          # 3 submitted; taking the first submits one more
     time.sleep(2.0)                        # far longer than the workers need for every task
     started = len(list(tmp_path.iterdir()))
-    assert 2 <= started <= 4, started
+    assert 1 <= started <= 4, started      # the bound: never all 10 (the lower end depends on the load)
     assert list(gen) == tasks[1:]          # the rest, in order
     gen = imap(_touch, [str(tmp_path / f"u{i}") for i in range(10)], 2, ahead=2)
     next(gen)

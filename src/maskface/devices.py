@@ -127,7 +127,12 @@ def require_gpus(n: int, key: str) -> int:
     if seen >= n:
         return seen
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
-    listed = [d for d in (given or "").split(",") if d.strip() and d.strip() != "-1"]
+    listed = [d for d in (given or "").split(",") if d.strip() and d.strip() not in ("-1", "NoDevFiles")]
+    if given is None and gpu_device_count() >= n:
+        # nothing hides them: the machine's own GPUs, which CUDA cannot use
+        raise DeviceError(f"{key} is {n} and this machine has {gpu_device_count()} GPU(s) (CUDA_VISIBLE_DEVICES "
+                          f"unset), but CUDA finds {seen}: {_why_no_cuda()}. Install a torch build for this "
+                          f"driver, or run on the CPU (device: cpu, {key}: 1).")
     if len(listed) >= n:
         raise DeviceError(f"{key} is {n} and this job was given {len(listed)} GPU(s) (CUDA_VISIBLE_DEVICES={given}), "
                           f"but CUDA finds {seen}: {_why_no_cuda()}. Install a torch build for this driver, or "
