@@ -313,10 +313,15 @@ def test_out_of_memory_on_a_batch_is_retried_image_by_image(tmp_path, monkeypatc
     assert [r["status"] for r in recs] == ["no_face"] * 3
 
 
-def test_a_cuda_error_stops_the_job_instead_of_error_rows(tmp_path, monkeypatch):
+@pytest.fixture()
+def sticky_cuda_error(monkeypatch):
+    """A detector whose every batch fails with a CUDA error that is not out-of-memory."""
     monkeypatch.setattr(A, "Detector", _FailingDetector)
     monkeypatch.setattr(_FailingDetector, "batch_exc",
                         RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+
+def test_a_cuda_error_stops_the_job_instead_of_error_rows(tmp_path, sticky_cuda_error):
     cfg = A.AlignConfig.from_mapping({"device": "cpu", "workers": 1, "batch_size": 8, "on_no_face": "skip"})
     with pytest.raises(RuntimeError, match="illegal memory access"):
         A.align_items(_noise_items(tmp_path), cfg, "largest", progress=False)
@@ -359,10 +364,7 @@ def test_the_gpu_path_decodes_in_worker_processes_and_gives_the_records_of_one_p
     assert {r["status"] for r in fed} >= {"unreadable", "empty", "not_an_image", "center_crop"}
 
 
-def test_a_detection_error_on_the_gpu_path_stops_the_decoders(tmp_path, monkeypatch):
-    monkeypatch.setattr(A, "Detector", _FailingDetector)
-    monkeypatch.setattr(_FailingDetector, "batch_exc",
-                        RuntimeError("CUDA error: an illegal memory access was encountered"))
+def test_a_detection_error_on_the_gpu_path_stops_the_decoders(tmp_path, sticky_cuda_error):
     cfg = A.AlignConfig.from_mapping({"device": "cpu", "workers": 1, "batch_size": 2, "on_no_face": "skip"})
     with pytest.raises(RuntimeError, match="illegal memory access"):
         A.align_items(_noise_items(tmp_path, n=8), cfg, "largest", progress=False, decoders=2)

@@ -333,6 +333,23 @@ def test_a_staged_run_reads_local_copies_and_trains_the_same_weights(syn, tmp_pa
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _stop_with_sigterm(job: subprocess.Popen, ready, settle: float = 0.0, wait: float = 120.0) -> str:
+    """Send SIGTERM to ``job`` once ``ready()`` (then ``settle`` seconds more); return its stderr once it ended."""
+    try:
+        deadline = time.time() + wait
+        while time.time() < deadline and not ready():
+            assert job.poll() is None, job.stderr.read()
+            time.sleep(0.1)
+        assert ready(), "never ready"
+        time.sleep(settle)
+        assert job.poll() is None
+        job.send_signal(signal.SIGTERM)
+        return job.communicate(timeout=wait)[1]
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+
 def test_a_job_stopped_by_sigterm_removes_its_staged_copies(syn, tmp_path):
     """scancel, a SLURM time limit and Snakemake's Ctrl-C send SIGTERM: the job exits (143) through its finally
     blocks, so the copies on the node's disk go with it."""
@@ -343,18 +360,8 @@ def test_a_job_stopped_by_sigterm_removes_its_staged_copies(syn, tmp_path):
             "from maskface.train import launch; launch(json.load(open(sys.argv[1])), sys.argv[2])")
     job = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "spec.json"), str(tmp_path / "run")],
                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not list(local.glob("maskface-staged-*/1-*")):
-            assert job.poll() is None, job.stderr.read()
-            time.sleep(0.2)
-        time.sleep(3)                                   # into the training loop
-        assert job.poll() is None
-        job.send_signal(signal.SIGTERM)
-        _, err = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
+    # SIGTERM 3 s after both copies are there: in the training loop
+    err = _stop_with_sigterm(job, lambda: bool(list(local.glob("maskface-staged-*/1-*"))), settle=3.0)
     assert job.returncode == 143, err[-2000:]
     assert "staged 2 cache file(s)" in err and "stopped by signal 15" in err
     assert list(local.iterdir()) == []
@@ -369,15 +376,7 @@ def test_a_stopped_multi_gpu_job_passes_sigterm_on_to_torchrun(tmp_path):
               "with _sigterm_exits():\n"
               f"    _run_child([sys.executable, '-c', {child!r}, sys.argv[1]])")
     job = subprocess.Popen([sys.executable, "-c", parent, str(tmp_path)], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and not (tmp_path / "child-ready").exists():
-            time.sleep(0.1)
-        job.send_signal(signal.SIGTERM)
-        _, err = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            job.kill()
+    err = _stop_with_sigterm(job, (tmp_path / "child-ready").exists)
     assert job.returncode == 143, err[-2000:]
     assert (tmp_path / "child-stopped").exists()
 
