@@ -65,6 +65,10 @@ def test_a_multi_gpu_run_tells_too_few_gpus_given_from_gpus_cuda_cannot_use(no_c
     with pytest.raises(DeviceError, match=r"this machine has 4 GPU\(s\) \(CUDA_VISIBLE_DEVICES unset\), but CUDA "
                                           r"finds 0: .*driver too old"):
         devices.require_gpus(4, "train.gpus")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")                 # a SLURM job given no GPU still sees the device files
+    with pytest.raises(DeviceError, match=r"sees 0 GPU\(s\) \(CUDA_VISIBLE_DEVICES=unset\): ask the scheduler"):
+        devices.require_gpus(4, "train.gpus")
+    monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "NoDevFiles")   # SLURM's word for no GPU given
     with pytest.raises(DeviceError, match=r"sees 0 GPU\(s\) \(CUDA_VISIBLE_DEVICES=NoDevFiles\): ask the scheduler"):
         devices.require_gpus(2, "train.gpus")

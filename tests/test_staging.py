@@ -111,7 +111,6 @@ def test_a_copy_that_fails_half_way_is_removed_and_the_run_reads_in_place(clean_
 
 def test_folders_of_killed_runs_of_this_host_are_removed_by_the_next_run(clean_env, tmp_path, caplog):
     import json
-    import socket
     import subprocess
     import sys
 
@@ -119,20 +118,24 @@ def test_folders_of_killed_runs_of_this_host_are_removed_by_the_next_run(clean_e
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()                                        # a process id that no longer runs
     local = tmp_path / "local"
-    owners = {"killed": (socket.gethostname(), gone.pid), "other-host": ("not-" + socket.gethostname(), gone.pid),
-              "running": (socket.gethostname(), os.getpid())}
-    for name, (host, pid) in owners.items():
+    me = S._owner()
+    owners = {"killed": dict(me, pid=gone.pid), "other-host": dict(me, host="not-" + me["host"], pid=gone.pid),
+              "other-pid-namespace": dict(me, pid_ns="pid:[1]", pid=gone.pid),     # a container on this host
+              "before-a-reboot": dict(me, boot="another-boot", pid=gone.pid),
+              "running": dict(me)}
+    for name, owner in owners.items():
         d = local / (S.PREFIX + name)
         d.mkdir(parents=True)
-        (d / S.OWNER).write_text(json.dumps({"host": host, "pid": pid, "slurm_job": None}))
+        (d / S.OWNER).write_text(json.dumps(owner))
         (d / "0-clean.npy").write_bytes(b"x" * 10)
     (local / (S.PREFIX + "no-owner")).mkdir()
     copies = S.stage([str(f) for f in _caches(tmp_path)], str(local))
     assert "removed" in caplog.text and (S.PREFIX + "killed") in caplog.text
     left = sorted(p.name for p in local.iterdir())
-    assert left == sorted([S.PREFIX + n for n in ("other-host", "running", "no-owner")]
+    assert left == sorted([S.PREFIX + n for n in ("other-host", "other-pid-namespace", "before-a-reboot",
+                                                  "running", "no-owner")]
                           + [Path(next(iter(copies.values()))).parent.name])
     owner = json.loads((Path(next(iter(copies.values()))).parent / S.OWNER).read_text())
-    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    assert owner == S._owner() and owner["boot"] and owner["pid_ns"]
     S.unstage(copies)
     assert S.PREFIX + "running" in {p.name for p in local.iterdir()}

@@ -351,7 +351,7 @@ def _stop_with_sigterm(job: subprocess.Popen, ready, settle: float = 0.0, wait: 
 
 
 def test_a_job_stopped_by_sigterm_removes_its_staged_copies(syn, tmp_path):
-    """scancel, a SLURM time limit and Snakemake's Ctrl-C send SIGTERM: the job exits (143) through its finally
+    """scancel and a SLURM time limit send SIGTERM: the job exits (143) through its finally
     blocks, so the copies on the node's disk go with it."""
     local = tmp_path / "local"
     spec = _spec(syn, mask_fraction=0.5, iterations=100000, checkpoint_every=100000, stage=str(local))

@@ -21,10 +21,11 @@ copy that fails half way is removed), is not used: the run then reads the origin
 log. Staging never changes a result, so it never fails a job. Each choice, and the reason when nothing is
 staged, is one line of the job's log.
 
-The copies go when the job ends, also when it is stopped (SIGTERM: ``scancel``, a time limit, Snakemake's
-Ctrl-C; :func:`maskface.train.launch` turns it into a normal exit). Only SIGKILL leaves them, so each staged
-folder records its owner (host, process, SLURM job), and the next run that stages into the same folder on
-that host removes the folders whose process is gone.
+The copies go when the job ends, also when it is stopped by SIGTERM (``scancel``, a SLURM time limit:
+:func:`maskface.train.launch` turns it into a normal exit) or SIGINT (Ctrl-C). A job killed outright
+(SIGKILL, a crash) leaves them, so each staged folder records its owner (host, boot, PID namespace, process,
+SLURM job), and the next run that stages into the same folder from the same machine removes the folders
+whose process is gone.
 """
 from __future__ import annotations
 
@@ -101,15 +102,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _read(path: str) -> Optional[str]:
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _owner() -> dict:
+    """This process as the owner of a staged folder: host, boot, PID namespace, pid, SLURM job."""
+    return {"host": socket.gethostname(), "boot": _read("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": _pid_ns(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID")}
+
+
+def _pid_ns() -> Optional[str]:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def remove_orphans(folder: Path) -> list[Path]:
-    """Remove the staged folders in ``folder`` left by runs of this host that were killed (their process is
-    gone); return them. Folders of other hosts, and those without a readable owner, are left alone."""
-    host, gone = socket.gethostname(), []
+    """Remove the staged folders in ``folder`` left by killed runs of this very machine: same host name, same
+    boot, same PID namespace (a container sharing the folder cannot see the other's processes), and the
+    process gone. Return them. Every other folder, and any whose owner cannot be read, is left alone."""
+    me, gone = _owner(), []
     for d in sorted(folder.glob(PREFIX + "*")):
         try:
             owner = json.loads((d / OWNER).read_text())
-            mine = owner.get("host") == host and not _alive(int(owner["pid"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            same = all(owner.get(k) == me[k] and me[k] is not None for k in ("host", "boot", "pid_ns"))
+            mine = same and not _alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         if mine:
             shutil.rmtree(d, ignore_errors=True)
@@ -153,8 +176,7 @@ def stage(paths: Iterable[str | os.PathLike], setting: str = "auto") -> dict[str
     t0 = time.time()
     try:
         dest = Path(tempfile.mkdtemp(prefix=PREFIX, dir=folder))
-        (dest / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                              "slurm_job": os.environ.get("SLURM_JOB_ID")}))
+        (dest / OWNER).write_text(json.dumps(_owner()))
         for i, f in enumerate(files):
             copy = dest / f"{i}-{f.name}"
             shutil.copyfile(f, copy)
@@ -187,5 +209,8 @@ def staged(path: str | os.PathLike) -> str:
 def unstage(mapping: Mapping[str, str]) -> None:
     """Remove the copies of :func:`stage` (their folder) and forget the mapping."""
     os.environ.pop(STAGED_ENV, None)
-    for folder in {str(Path(c).parent) for c in mapping.values()}:
+    for folder in {Path(c).parent for c in mapping.values()}:
+        for f in folder.iterdir() if folder.is_dir() else ():
+            if f.name != OWNER:          # the data first, the owner record last: a run cut short here
+                f.unlink(missing_ok=True)    # leaves a folder that the next run can still recognise
         shutil.rmtree(folder, ignore_errors=True)

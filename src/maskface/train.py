@@ -758,7 +758,7 @@ def launch(spec: Mapping[str, Any], out_dir: str | os.PathLike) -> Optional[dict
 
 @contextlib.contextmanager
 def _sigterm_exits():
-    """SIGTERM (``scancel``, a SLURM time limit, Snakemake stopping its jobs) raises SystemExit(143) in this
+    """SIGTERM (``scancel``, a SLURM time limit) raises SystemExit(143) in this
     process, so that its ``finally`` blocks run: staged copies removed, torchrun stopped. Python's default is to
     die on the spot. Only the main thread can take signals; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
@@ -766,19 +766,22 @@ def _sigterm_exits():
         return
 
     def _exit(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # a second SIGTERM must not cut the clean-up short
         log.warning("stopped by signal %d", signum)
         raise SystemExit(128 + signum)
 
     before = signal.signal(signal.SIGTERM, _exit)
+    if before is None:                                     # installed from C: restore the default
+        before = signal.SIG_DFL
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
 
 
-def _run_child(cmd: Sequence[str], grace: float = 30.0) -> None:
-    """Run torchrun and wait; when this job is stopped meanwhile, pass SIGTERM on (torchrun stops its ranks)
-    and wait up to ``grace`` seconds before killing it."""
+def _run_child(cmd: Sequence[str], grace: float = 45.0) -> None:
+    """Run torchrun and wait; when this job is stopped meanwhile, pass SIGTERM on (torchrun stops its ranks,
+    killing them after its own 30 s) and wait up to ``grace`` seconds before killing it."""
     child = subprocess.Popen(list(cmd), stdout=sys.stdout, stderr=sys.stderr)
     try:
         rc = child.wait()
