@@ -128,9 +128,10 @@ def require_gpus(n: int, key: str) -> int:
         return seen
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
     listed = [d for d in (given or "").split(",") if d.strip() and d.strip() not in ("-1", "NoDevFiles")]
-    if given is None and "SLURM_JOB_ID" not in os.environ and gpu_device_count() >= n:
+    present = gpu_device_count() if given is None and "SLURM_JOB_ID" not in os.environ else 0
+    if present >= n:
         # nothing hides them and no scheduler chose (a SLURM job without GPUs sees the device files too)
-        raise DeviceError(f"{key} is {n} and this machine has {gpu_device_count()} GPU(s) (CUDA_VISIBLE_DEVICES "
+        raise DeviceError(f"{key} is {n} and this machine has {present} GPU(s) (CUDA_VISIBLE_DEVICES "
                           f"unset), but CUDA finds {seen}: {_why_no_cuda()}. Install a torch build for this "
                           f"driver, or run on the CPU (device: cpu, {key}: 1).")
     if len(listed) >= n:

@@ -44,7 +44,7 @@ log = logging.getLogger("maskface.staging")
 STAGED_ENV = "MASKFACE_STAGED"     # JSON {original path: local copy}, for this process and its children
 MARGIN = 1 << 30                    # free space left on the local disk after the copies
 PREFIX = "maskface-staged-"         # a staged folder's name starts so
-OWNER = "owner.json"                # in each staged folder: {"host", "pid", "slurm_job"}
+OWNER = "owner.json"                # in each staged folder: _owner() of the run that staged it
 
 
 def scratch_folder(setting: str) -> tuple[Optional[Path], str, bool]:
@@ -183,16 +183,14 @@ def stage(paths: Iterable[str | os.PathLike], setting: str = "auto") -> dict[str
             if copy.stat().st_size != f.stat().st_size:
                 raise OSError(f"{copy}: {copy.stat().st_size} bytes copied of {f.stat().st_size}")
             mapping[os.path.abspath(f)] = str(copy)
-    except OSError as exc:
+    except BaseException as exc:
         if dest is not None:
             shutil.rmtree(dest, ignore_errors=True)
+        if not isinstance(exc, OSError):        # a signal or a bug: not a disk that failed
+            raise
         log.warning("caches read in place: staging to %s (%s) failed, the partial copy is removed: %s",
                     folder, source, exc)
         return {}
-    except BaseException:
-        if dest is not None:
-            shutil.rmtree(dest, ignore_errors=True)
-        raise
     dt = time.time() - t0
     log.info("staged %d cache file(s), %.2f GiB, to %s (%s) in %.1f s (%.0f MB/s)", len(files), size / 2**30,
              dest, source, dt, size / 1e6 / max(dt, 1e-9))
