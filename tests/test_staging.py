@@ -139,3 +139,27 @@ def test_folders_of_killed_runs_of_this_host_are_removed_by_the_next_run(clean_e
     assert owner == S._owner() and owner["boot"] and owner["pid_ns"]
     S.unstage(copies)
     assert S.PREFIX + "running" in {p.name for p in local.iterdir()}
+
+
+def test_a_sigterm_while_the_folder_is_made_leaves_no_folder(clean_env, tmp_path, monkeypatch):
+    """The signal lands inside mkdtemp (the folder exists, stage does not know it yet, its owner is not written):
+    the folder goes all the same. Without the hold it stayed, and with no owner no later run removes it."""
+    import signal
+    import time
+
+    from maskface.train import _stop_signals
+    real = S.tempfile.mkdtemp
+
+    def mkdtemp_then_signal(*args, **kwargs):
+        folder = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)                                  # the handler runs here
+        return folder
+
+    monkeypatch.setattr(S.tempfile, "mkdtemp", mkdtemp_then_signal)
+    local, copies = tmp_path / "local", {}
+    with pytest.raises(SystemExit) as e:
+        with _stop_signals() as hold:
+            S.stage([str(f) for f in _caches(tmp_path)], str(local), into=copies, hold=hold)
+    assert e.value.code == 143 and copies == {} and list(local.iterdir()) == []
+    assert S.STAGED_ENV not in os.environ

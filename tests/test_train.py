@@ -372,13 +372,114 @@ def test_a_stopped_multi_gpu_job_passes_sigterm_on_to_torchrun(tmp_path):
     child = ("import pathlib, signal, sys, time; d = pathlib.Path(sys.argv[1]); "
              "signal.signal(signal.SIGTERM, lambda *a: ((d / 'child-stopped').write_text(''), sys.exit(0))); "
              "(d / 'child-ready').write_text(''); time.sleep(120)")
-    parent = ("import sys; from maskface.train import _run_child, _sigterm_exits\n"
-              "with _sigterm_exits():\n"
-              f"    _run_child([sys.executable, '-c', {child!r}, sys.argv[1]])")
+    parent = ("import sys; from maskface.train import _run_child, _stop_signals\n"
+              "with _stop_signals() as hold:\n"
+              f"    _run_child([sys.executable, '-c', {child!r}, sys.argv[1]], hold=hold)")
     job = subprocess.Popen([sys.executable, "-c", parent, str(tmp_path)], stderr=subprocess.PIPE, text=True)
     err = _stop_with_sigterm(job, (tmp_path / "child-ready").exists)
     assert job.returncode == 143, err[-2000:]
     assert (tmp_path / "child-stopped").exists()
+
+
+# ------------------------------------------------------------------ signals at the moments between two steps
+
+@pytest.fixture()
+def sigterm_guard():
+    """A SIGTERM that reaches the test process without the code's own handler fails the test instead of
+    killing pytest."""
+    def _unhandled(signum, frame):
+        raise AssertionError(f"signal {signum} reached the test process unhandled")
+
+    before = signal.signal(signal.SIGTERM, _unhandled)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def _signal_self(signum: int) -> None:
+    """Send ``signum`` to this process and give its handler the time to run (it runs inside the sleep)."""
+    os.kill(os.getpid(), signum)
+    time.sleep(0.5)
+
+
+def test_hold_defers_sigterm_and_ctrl_c_to_its_end(sigterm_guard):
+    from maskface.train import _stop_signals
+    for signum, raised in ((signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)):
+        reached = []
+        with pytest.raises(raised) as e:
+            with _stop_signals() as hold:
+                with hold():
+                    _signal_self(signum)
+                    reached.append(True)            # the block runs to its end ...
+                reached.append(False)               # ... and the signal is raised there
+        assert reached == [True], signum
+        if raised is SystemExit:
+            assert e.value.code == 143
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_sigterm_while_torchrun_is_being_started_still_reaches_it(tmp_path, monkeypatch, sigterm_guard):
+    """The signal lands inside Popen (the child exists, launch does not know it yet): the child is stopped
+    all the same, then the job exits 143. Without the hold, the child was left running."""
+    import maskface.train as T
+    child = ("import pathlib, signal, sys, time; d = pathlib.Path(sys.argv[1]); "
+             "signal.signal(signal.SIGTERM, lambda *a: ((d / 'child-stopped').write_text(''), sys.exit(0))); "
+             "(d / 'child-ready').write_text(''); time.sleep(120)")
+    real, started = subprocess.Popen, []
+
+    def popen_then_signal(*args, **kwargs):
+        p = real(*args, **kwargs)
+        started.append(p)
+        deadline = time.time() + 60
+        while not (tmp_path / "child-ready").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        _signal_self(signal.SIGTERM)
+        return p
+
+    monkeypatch.setattr(T.subprocess, "Popen", popen_then_signal)
+    try:
+        with pytest.raises(SystemExit) as e:
+            with T._stop_signals() as hold:
+                T._run_child([sys.executable, "-c", child, str(tmp_path)], grace=30, hold=hold)
+        assert e.value.code == 143
+        assert (tmp_path / "child-stopped").exists()
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_a_sigterm_between_the_copies_and_the_run_leaves_no_copies(syn, tmp_path, monkeypatch, sigterm_guard):
+    """The signal lands after the caches are copied, before launch has the mapping in hand: the copies go."""
+    import maskface.train as T
+    real = T.stage
+
+    def stage_then_signal(*args, **kwargs):
+        copies = real(*args, **kwargs)
+        assert len(copies) == 2
+        _signal_self(signal.SIGTERM)
+        return copies
+
+    monkeypatch.setattr(T, "stage", stage_then_signal)
+    local = tmp_path / "local"
+    with pytest.raises(SystemExit) as e:
+        T.launch(_spec(syn, mask_fraction=0.5, stage=str(local)), tmp_path / "run")
+    assert e.value.code == 143
+    assert list(local.iterdir()) == [] and not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("nohup", [False, True])
+def test_sighup_stops_a_job_like_sigterm_unless_it_runs_under_nohup(tmp_path, nohup):
+    code = ("import os, signal, sys, time, logging; logging.basicConfig(); from maskface.train import _stop_signals\n"
+            f"signal.signal(signal.SIGHUP, signal.{'SIG_IGN' if nohup else 'SIG_DFL'})\n"
+            "with _stop_signals():\n"
+            "    os.kill(os.getpid(), signal.SIGHUP); time.sleep(1)\n"
+            "print('went on')")
+    job = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if nohup:
+        assert job.returncode == 0 and "went on" in job.stdout, job.stderr[-2000:]
+    else:
+        assert job.returncode == 129 and "stopped by signal 1" in job.stderr, job.stderr[-2000:]
 
 
 def test_other_spec_starts_over(syn, tmp_path):

@@ -21,14 +21,16 @@ copy that fails half way is removed), is not used: the run then reads the origin
 log. Staging never changes a result, so it never fails a job. Each choice, and the reason when nothing is
 staged, is one line of the job's log.
 
-The copies go when the job ends, also when it is stopped by SIGTERM (``scancel``, a SLURM time limit:
-:func:`maskface.train.launch` turns it into a normal exit) or SIGINT (Ctrl-C). A job killed outright
+The copies go when the job ends, also when it is stopped by SIGTERM (``scancel``, a SLURM time limit),
+SIGHUP (:func:`maskface.train.launch` turns both into a normal exit) or SIGINT (Ctrl-C), at whatever moment:
+the caller's mapping is filled copy by copy, and the folder is created with signals held. A job killed outright
 (SIGKILL, a crash) leaves them, so each staged folder records its owner (host, boot, PID namespace, process,
 SLURM job), and the next run that stages into the same folder from the same machine removes the folders
 whose process is gone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,7 +39,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, ContextManager, Iterable, Mapping, MutableMapping, Optional
 
 log = logging.getLogger("maskface.staging")
 
@@ -140,25 +142,33 @@ def remove_orphans(folder: Path) -> list[Path]:
     return gone
 
 
-def stage(paths: Iterable[str | os.PathLike], setting: str = "auto") -> dict[str, str]:
+def stage(paths: Iterable[str | os.PathLike], setting: str = "auto", *,
+          into: Optional[MutableMapping[str, str]] = None,
+          hold: Callable[[], ContextManager] = contextlib.nullcontext) -> MutableMapping[str, str]:
     """Copy ``paths`` to the local folder that ``setting`` names (see the module's text), record the mapping in
     ``$MASKFACE_STAGED`` for this process and its children, and return it ({} when nothing is staged; the
-    reason is logged). Remove the copies with :func:`unstage`."""
+    reason is logged). Remove the copies with :func:`unstage`.
+
+    ``into``: the caller's mapping, filled copy by copy, so that a signal raised anywhere (even between the
+    last copy and the return) leaves the caller holding every copy made. ``hold``: a context manager that
+    defers signals (:func:`maskface.train._stop_signals`), kept over the creation of the folder, so that no
+    folder exists unrecorded and without its owner."""
+    mapping: MutableMapping[str, str] = {} if into is None else into
     files = [Path(p) for p in dict.fromkeys(str(p) for p in paths if p)]
     if not files:
-        return {}
+        return mapping
     folder, source, explicit = scratch_folder(setting)
     if folder is None:
         log.info("caches read in place: %s", source)
-        return {}
+        return mapping
     size = sum(f.stat().st_size for f in files)
     if not explicit and _device_of(folder) in {_device_of(f) for f in files}:
         log.info("caches read in place: %s (%s) is on the caches' own filesystem", folder, source)
-        return {}
+        return mapping
     if not explicit and _fs_type(folder) == "tmpfs":
         log.info("caches read in place: %s (%s) is in memory (tmpfs), where the copies would count against the "
                  "job's memory", folder, source)
-        return {}
+        return mapping
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for d in remove_orphans(folder):
@@ -166,17 +176,17 @@ def stage(paths: Iterable[str | os.PathLike], setting: str = "auto") -> dict[str
         free = shutil.disk_usage(folder).free
     except OSError as exc:
         log.warning("caches read in place: cannot use %s (%s): %s", folder, source, exc)
-        return {}
+        return mapping
     if free < size + MARGIN:
         log.warning("caches read in place: %s (%s) has %.1f GiB free, the caches need %.1f GiB + 1 GiB",
                     folder, source, free / 2**30, size / 2**30)
-        return {}
-    mapping: dict[str, str] = {}
+        return mapping
     dest: Optional[Path] = None
     t0 = time.time()
     try:
-        dest = Path(tempfile.mkdtemp(prefix=PREFIX, dir=folder))
-        (dest / OWNER).write_text(json.dumps(_owner()))
+        with hold():
+            dest = Path(tempfile.mkdtemp(prefix=PREFIX, dir=folder))
+            (dest / OWNER).write_text(json.dumps(_owner()))
         for i, f in enumerate(files):
             copy = dest / f"{i}-{f.name}"
             shutil.copyfile(f, copy)
@@ -186,11 +196,12 @@ def stage(paths: Iterable[str | os.PathLike], setting: str = "auto") -> dict[str
     except BaseException as exc:
         if dest is not None:
             shutil.rmtree(dest, ignore_errors=True)
+        mapping.clear()
         if not isinstance(exc, OSError):        # a signal or a bug: not a disk that failed
             raise
         log.warning("caches read in place: staging to %s (%s) failed, the partial copy is removed: %s",
                     folder, source, exc)
-        return {}
+        return mapping
     dt = time.time() - t0
     log.info("staged %d cache file(s), %.2f GiB, to %s (%s) in %.1f s (%.0f MB/s)", len(files), size / 2**30,
              dest, source, dt, size / 1e6 / max(dt, 1e-9))

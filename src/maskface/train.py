@@ -741,52 +741,104 @@ def launch(spec: Mapping[str, Any], out_dir: str | os.PathLike) -> Optional[dict
     if gpus > 1 and cfg["device"] != "cpu":
         claim_gpus(gpus)
         require_gpus(gpus, "train.gpus")
-    with _sigterm_exits():
-        # the caches on the node's local disk, once for every rank (they inherit the mapping), removed at the end
-        copies = stage(cache_files(spec), str(cfg["stage"]))
+    with _stop_signals() as hold:
+        # the caches on the node's local disk, once for every rank (they inherit the mapping), removed at the end;
+        # stage() fills `copies` as it goes, so a signal at any point leaves nothing that this finally misses
+        copies: dict[str, str] = {}
         try:
+            stage(cache_files(spec), str(cfg["stage"]), into=copies, hold=hold)
             if gpus <= 1:
                 return train_run(spec, out)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                    "-m", "maskface.train", "run", "--spec", str(out / "spec.json")]
             log.info("launching %s", " ".join(cmd))
-            _run_child(cmd)
+            _run_child(cmd, hold=hold)
             return None
         finally:
             unstage(copies)
 
 
-@contextlib.contextmanager
-def _sigterm_exits():
-    """SIGTERM (``scancel``, a SLURM time limit) raises SystemExit(143) in this
-    process, so that its ``finally`` blocks run: staged copies removed, torchrun stopped. Python's default is to
-    die on the spot. Only the main thread can take signals; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+_EXITING = ("SIGTERM", "SIGHUP")      # scancel / a SLURM time limit; the terminal closed
 
-    def _exit(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # a second SIGTERM must not cut the clean-up short
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGTERM (``scancel``, a SLURM time limit) and SIGHUP (the terminal closed; left ignored under ``nohup``)
+    raise SystemExit(128 + signal) in this process, so that its ``finally`` blocks run: staged copies removed,
+    torchrun stopped. Python's default is to die on the spot. A second such signal is ignored, so it cannot cut
+    the clean-up short.
+
+    Yields ``hold``: a context manager for the few instructions that a signal must not split (a staged folder
+    created but not yet recorded, torchrun started but not yet known). A SIGTERM, SIGHUP or SIGINT (Ctrl-C) that
+    arrives inside waits for its end and is raised there. Only the main thread can take signals; elsewhere
+    nothing is installed and ``hold`` does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield contextlib.nullcontext
+        return
+    state: dict[str, Any] = {"held": 0, "pending": None}
+    exiting = [getattr(signal, name) for name in _EXITING if hasattr(signal, name)]
+
+    def _raise(signum: int):
         log.warning("stopped by signal %d", signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    before = signal.signal(signal.SIGTERM, _exit)
-    if before is None:                                     # installed from C: restore the default
-        before = signal.SIG_DFL
+    def _exit(signum, frame):
+        for s in exiting:                     # a second signal must not cut the clean-up short
+            signal.signal(s, signal.SIG_IGN)
+        if state["held"]:
+            state["pending"] = state["pending"] or signum
+            return
+        _raise(signum)
+
+    def _interrupt(signum, frame):
+        state["pending"] = state["pending"] or signum
+
+    @contextlib.contextmanager
+    def hold():
+        # Ctrl-C too: Python's own handler would raise KeyboardInterrupt at the same bad moment (a handler
+        # the user set, or SIGINT ignored, is left alone)
+        swap = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if swap:
+            signal.signal(signal.SIGINT, _interrupt)
+        state["held"] += 1
+        try:
+            yield
+        finally:
+            state["held"] -= 1
+            if swap:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            if not state["held"] and state["pending"]:
+                signum, state["pending"] = state["pending"], None
+                _raise(signum)
+
+    before = {}
+    for s in exiting:
+        current = signal.getsignal(s)
+        if s != signal.SIGTERM and current is signal.SIG_IGN:      # nohup: stay as asked
+            continue
+        before[s] = signal.signal(s, _exit)
+        if before[s] is None:                                      # installed from C: restore the default
+            before[s] = signal.SIG_DFL
     try:
-        yield
+        yield hold
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
-def _run_child(cmd: Sequence[str], grace: float = 45.0) -> None:
+def _run_child(cmd: Sequence[str], grace: float = 45.0, hold=contextlib.nullcontext) -> None:
     """Run torchrun and wait; when this job is stopped meanwhile, pass SIGTERM on (torchrun stops its ranks,
-    killing them after its own 30 s) and wait up to ``grace`` seconds before killing it."""
-    child = subprocess.Popen(list(cmd), stdout=sys.stdout, stderr=sys.stderr)
+    killing them after its own 30 s) and wait up to ``grace`` seconds before killing it. ``hold`` (from
+    :func:`_stop_signals`) keeps a signal from landing between the start of the child and ``child`` being set."""
+    child: Optional[subprocess.Popen] = None
     try:
+        with hold():
+            child = subprocess.Popen(list(cmd), stdout=sys.stdout, stderr=sys.stderr)
         rc = child.wait()
     except BaseException:
-        if child.poll() is None:
+        if child is not None and child.poll() is None:
             child.send_signal(signal.SIGTERM)
             try:
                 child.wait(timeout=grace)
