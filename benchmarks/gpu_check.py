@@ -195,7 +195,9 @@ def alignment(device: str, lfw: Path, n: int, cpu_workers: int) -> tuple[dict, l
     fed = runs["device_fed"][0]
     fed_ious = [_iou(a["bbox"], b["bbox"]) for a, b in zip(fed, dev)
                 if a.get("bbox") is not None and b.get("bbox") is not None]
-    fed_same = (len(fed) == len(dev) and all(a["status"] == b["status"] for a, b in zip(fed, dev))
+    fed_same = (len(fed) == len(dev)
+                and all(a["image_id"] == b["image_id"] and a["status"] == b["status"]
+                        and (a.get("bbox") is None) == (b.get("bbox") is None) for a, b in zip(fed, dev))
                 and all(v >= 0.99 for v in fed_ious))
     ious, px = [], []
     for a, b in zip(dev, cpu):

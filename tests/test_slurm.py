@@ -232,3 +232,53 @@ def test_a_multi_gpu_train_job_is_one_task_on_one_node_and_its_step_is_given_eve
         assert rule_log.count(given) == 1, rule_log[-3000:]      # the script ran once, with both GPUs
         assert "launching" not in rule_log, rule_log[-3000:]
         assert not (work / "results/models/t-fold1-seed1/model.pt").exists()
+
+
+def test_scancel_stops_a_training_job_that_then_removes_its_staged_copies(tmp_path):
+    """scancel of a running train job on the one-node cluster: SLURM sends SIGTERM to the job step's
+    processes (KillWait 5 s before SIGKILL on this cluster), the training script turns it into a normal exit
+    (143, "stopped by signal 15") and its caches' copies in train.stage's folder are gone; Snakemake reports
+    the job failed. The job trains for real (a small network on synthetic caches) until it is cancelled."""
+    _need_root_and_slurm()
+    start = time.monotonic()
+    left = lambda: BUDGET_S - (time.monotonic() - start)  # noqa: E731
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    work.mkdir()
+    logs.mkdir()
+    local = tmp_path / "local"
+    write_training_workdir(work, {"folds": [1], "name": "t", "preset": "none", "device": "cpu", "threads": 1,
+                                  "arch": {"depth": 4, "width": 0.125}, "batch_size": 8, "iterations": 10 ** 6,
+                                  "checkpoint_every": 10 ** 6, "log_every": 20, "max_cpu_hours": 10 ** 4,
+                                  "mask_fractions": [0.5], "stage": str(local)}, caches=True)
+    rule_log = work / "results/logs/train/t-m50-fold1-seed1.log"
+    env = {k: v for k, v in os.environ.items() if k != "MASKFACE_SLURM_PARTITION"}
+    cmd = [sys.executable, "-m", "snakemake", "-s", REPO / "Snakefile", "-d", work, "--profile", PROFILE,
+           "train_all", "--set-resources", "train:mem_mb=2048"]
+
+    with _local_cluster(logs, left), open(logs / "snakemake.log", "w") as out:
+        sm = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True)
+        try:
+            # the job is training, on its staged copies (clean and masked)
+            while left() > 0 and not (len(list(local.glob("maskface-staged-*/?-*.npy"))) == 2
+                                      and rule_log.exists() and "it 40/" in rule_log.read_text()):
+                assert sm.poll() is None, (logs / "snakemake.log").read_text()[-4000:]
+                time.sleep(0.5)
+            text = (logs / "snakemake.log").read_text()
+            submitted = SUBMITTED.findall(text)
+            assert len(submitted) == 1 and rule_log.exists() and "it 40/" in rule_log.read_text(), text[-4000:]
+            jid = submitted[0][0]
+            assert _job(jid)["JobState"] == "RUNNING"
+            subprocess.run(["scancel", jid], check=True, timeout=20)
+            rc = sm.wait(timeout=max(left(), 10))
+        finally:
+            if sm.poll() is None:
+                os.killpg(sm.pid, signal.SIGKILL)
+                sm.wait(timeout=30)
+        text = (logs / "snakemake.log").read_text()
+        assert rc != 0, text[-4000:]
+        assert _job(jid)["JobState"] == "CANCELLED", _job(jid)
+        log_text = rule_log.read_text()
+        assert "stopped by signal 15" in log_text, log_text[-3000:]
+        assert list(local.iterdir()) == [], list(local.rglob("*"))
+        assert not (work / "results/models/t-m50-fold1-seed1/model.pt").exists()

@@ -55,11 +55,14 @@ TRAINING_UPSTREAM = ("manifests/lfw/aligned.parquet", "manifests/lfw/pairs.parqu
                      "train_cache/lfw/clean.parquet", "train_cache/lfw/masked.npy", "train_cache/lfw/masked.parquet")
 
 
-def write_training_workdir(workdir: str | os.PathLike, train: dict) -> Path:
+def write_training_workdir(workdir: str | os.PathLike, train: dict, *, caches: bool = False) -> Path:
     """A Snakemake working folder in which only the training stage is left to plan: ``config.yaml`` (a dataset
-    ``lfw`` and the ``train`` section given) and empty stand-ins for the upstream stages' outputs, which
-    Snakemake takes as done (no code or parameter records: nothing triggers their rerun). For dry runs and for
-    jobs that stop before they read their inputs. Returns the config file."""
+    ``lfw`` and the ``train`` section given) and stand-ins for the upstream stages' outputs, which Snakemake
+    takes as done (no code or parameter records: nothing triggers their rerun). Returns the config file.
+
+    The stand-ins are empty files, for dry runs and for jobs that stop before they read their inputs; with
+    ``caches`` they are real and a training job can run on them: 8 synthetic people of 4 crops each (a random
+    picture per person plus noise; masked: the lower half grey), in two folds of pairs."""
     import json
 
     root = Path(workdir)
@@ -69,5 +72,46 @@ def write_training_workdir(workdir: str | os.PathLike, train: dict) -> Path:
     for f in TRAINING_UPSTREAM:
         (root / "results" / f).parent.mkdir(parents=True, exist_ok=True)
         (root / "results" / f).write_bytes(b"")
+    if caches:
+        _write_training_caches(root / "results")
     (root / "config.yaml").write_text(json.dumps(cfg))
     return root / "config.yaml"
+
+
+def _write_training_caches(results: Path, people: int = 8, per_person: int = 4, seed: int = 0) -> None:
+    import pandas as pd
+
+    from .imageio import encode_png
+    from .train_data import build_cache
+
+    rng = np.random.default_rng(seed)
+    clean, masked, manifest = [], [], []
+    for c in range(people):
+        base = rng.integers(0, 256, (112, 96, 3))
+        for i in range(per_person):
+            img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            iid = f"P{c}/P{c}_{i + 1:04d}.jpg"
+            m = img.copy()
+            m[60:] = 128
+            clean.append({"image_id": iid, "png": encode_png(img)})
+            masked.append({"image_id": iid, "masked_png": encode_png(m)})
+            manifest.append({"image_id": iid, "identity": f"P{c}", "status": "ok"})
+    shards = results / "test_shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(clean).to_parquet(shards / "clean.parquet")
+    pd.DataFrame(masked).to_parquet(shards / "masked.parquet")
+    pd.DataFrame(manifest).to_parquet(results / "manifests/lfw/aligned.parquet")
+    # fold 1: people 0-3, fold 2: people 4-7; one matched and one mismatched pair per two people
+    pairs = []
+    for fold, first in ((1, 0), (2, people // 2)):
+        for c in range(first, first + people // 2, 2):
+            pairs.append({"fold": fold, "a": f"P{c}/P{c}_0001.jpg", "b": f"P{c}/P{c}_0002.jpg", "same": True})
+            pairs.append({"fold": fold, "a": f"P{c}/P{c}_0001.jpg", "b": f"P{c + 1}/P{c + 1}_0001.jpg",
+                          "same": False})
+    df = pd.DataFrame(pairs)
+    df["fold"] = df["fold"].astype("int16")
+    df["line"] = np.arange(2, len(df) + 2, dtype=np.int32)
+    df.to_parquet(results / "manifests/lfw/pairs.parquet")
+    for variant in ("clean", "masked"):
+        build_cache([shards / f"{variant}.parquet"], results / f"train_cache/lfw/{variant}.npy",
+                    results / f"train_cache/lfw/{variant}.parquet")
