@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from maskface.imageio import encode_png
-from maskface.testing import write_training_workdir
+from maskface.testing import synthetic_crops, write_training_workdir
 from maskface.foldeval import evaluate_fold, summarize_evals
 from maskface.train import spec_digest, train_run
 from maskface.train_config import merged, run_names
@@ -28,21 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _write_dataset(root: Path, n_id: int = 6, per_id: int = 5, seed: int = 0, masked: bool = True) -> dict:
-    """Synthetic 112x96 crops: per identity a random base picture plus noise; masked = lower half grey."""
-    rng = np.random.default_rng(seed)
+    """Synthetic 112x96 crops (maskface.testing.synthetic_crops) in shards and caches; P0's first image has no
+    masked crop and P1's first is a center_crop."""
     root.mkdir(parents=True, exist_ok=True)
     clean_rows, masked_rows, man = [], [], []
-    for c in range(n_id):
-        base = rng.integers(0, 256, (112, 96, 3))
-        for i in range(per_id):
-            img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-            iid = f"P{c}/P{c}_{i + 1:04d}.jpg"
-            clean_rows.append({"image_id": iid, "png": encode_png(img), "status": "ok"})
-            if not (c == 0 and i == 0):  # one image without a masked crop
-                m = img.copy()
-                m[60:] = 128
-                masked_rows.append({"image_id": iid, "masked_png": encode_png(m)})
-            man.append({"image_id": iid, "identity": f"P{c}", "status": "ok" if (c, i) != (1, 0) else "center_crop"})
+    for iid, identity, img, m in synthetic_crops(n_id, per_id, seed):
+        clean_rows.append({"image_id": iid, "png": encode_png(img), "status": "ok"})
+        if iid != "P0/P0_0001.jpg":  # one image without a masked crop
+            masked_rows.append({"image_id": iid, "masked_png": encode_png(m)})
+        man.append({"image_id": iid, "identity": identity, "status": "ok" if iid != "P1/P1_0001.jpg" else "center_crop"})
     half = len(clean_rows) // 2
     pd.DataFrame(clean_rows[:half]).to_parquet(root / "shard-0.parquet")
     pd.DataFrame(clean_rows[half:]).to_parquet(root / "shard-1.parquet")

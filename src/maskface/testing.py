@@ -78,24 +78,30 @@ def write_training_workdir(workdir: str | os.PathLike, train: dict, *, caches: b
     return root / "config.yaml"
 
 
+def synthetic_crops(people: int, per_person: int, seed: int = 0):
+    """Synthetic 112x96 crops: (image_id, identity, crop, masked crop) for ``per_person`` images of each of
+    ``people`` people (P0, P1, ...): a random picture per person plus noise; masked: the lower half grey."""
+    rng = np.random.default_rng(seed)
+    for c in range(people):
+        base = rng.integers(0, 256, (112, 96, 3))
+        for i in range(per_person):
+            img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            masked = img.copy()
+            masked[60:] = 128
+            yield f"P{c}/P{c}_{i + 1:04d}.jpg", f"P{c}", img, masked
+
+
 def _write_training_caches(results: Path, people: int = 8, per_person: int = 4, seed: int = 0) -> None:
     import pandas as pd
 
     from .imageio import encode_png
     from .train_data import build_cache
 
-    rng = np.random.default_rng(seed)
     clean, masked, manifest = [], [], []
-    for c in range(people):
-        base = rng.integers(0, 256, (112, 96, 3))
-        for i in range(per_person):
-            img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-            iid = f"P{c}/P{c}_{i + 1:04d}.jpg"
-            m = img.copy()
-            m[60:] = 128
-            clean.append({"image_id": iid, "png": encode_png(img)})
-            masked.append({"image_id": iid, "masked_png": encode_png(m)})
-            manifest.append({"image_id": iid, "identity": f"P{c}", "status": "ok"})
+    for iid, identity, img, m in synthetic_crops(people, per_person, seed):
+        clean.append({"image_id": iid, "png": encode_png(img)})
+        masked.append({"image_id": iid, "masked_png": encode_png(m)})
+        manifest.append({"image_id": iid, "identity": identity, "status": "ok"})
     shards = results / "test_shards"
     shards.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(clean).to_parquet(shards / "clean.parquet")
