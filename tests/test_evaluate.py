@@ -462,3 +462,35 @@ def test_open_set_metrics_by_hand():
     assert "| clean |" in metrics_markdown(r)
     first2 = open_set_metrics(det, gt, t, frames=2)["at_threshold"]["all"]   # a run cut after 2 frames
     assert first2["known_faces"] == 2 and first2["unknown_faces"] == 2 and first2["dir"] == 0.5
+
+
+def test_summary_puts_the_models_side_by_side_in_protocol_order(tmp_path):
+    def doc(model, accs, auc, tar3, **extra):
+        protos = {}
+        for name in ("masked", "clean", "mixed"):        # stored out of order, as sorted JSON keys would be
+            a = np.array(accs[name])
+            protos[name] = {"fold_accuracy": a.tolist(), "mean": float(a.mean()),
+                            "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "auc": auc[name],
+                            "tar_at_far": {"1e-2": 0.5, "1e-3": tar3[name]}}
+        p = tmp_path / model / "lfw.json"
+        p.parent.mkdir()
+        p.write_text(json.dumps({"model": model, "dataset": "lfw", "settings": {"metric": "cosine"},
+                                 "protocols": protos, **extra}))
+        return p
+    a = doc("dlib-resnet", {"clean": [0.99, 0.98], "mixed": [0.90, 0.88], "masked": [0.84, 0.82]},
+            {"clean": 0.9992, "mixed": 0.97, "masked": 0.93}, {"clean": 0.955, "mixed": 0.39, "masked": 0.127})
+    b = doc("ft-m50", {"clean": [0.98], "mixed": [0.93], "masked": [0.91]},
+            {"clean": 0.9986, "mixed": 0.9855, "masked": 0.9758}, {"clean": 0.93, "mixed": 0.547, "masked": 0.556},
+            folds_run=[4], folds_not_run=[1, 2, 3, 5, 6, 7, 8, 9, 10])
+    text = summarize([b, a])
+    side = text.split("## Side by side")[1].split("##")[0]
+    assert "| clean | mixed | masked | AUC clean / mixed / masked | TAR@1e-3 clean / mixed / masked |" in side
+    assert ("| dlib-resnet |  | lfw | cosine, mean subtraction on | 98.50 ± 0.71 | 89.00 ± 1.41 | 83.00 ± 1.41 | "
+            "0.9992 / 0.9700 / 0.9300 | 95.50 / 39.00 / 12.70 |") in side
+    # one fold: no std to show, and the row says which fold it is
+    assert ("| ft-m50 | fold 4 only | lfw | cosine, mean subtraction on | 98.00 | 93.00 | 91.00 | "
+            "0.9986 / 0.9855 / 0.9758 | 93.00 / 54.70 / 55.60 |") in side
+    every = [line.split(" | ")[3] for line in text.split("## Every protocol")[1].splitlines()
+             if line.startswith("| dlib-resnet |")]
+    assert every == ["clean", "mixed", "masked"]
+    assert "Over repeated runs" not in text                    # every model ran once

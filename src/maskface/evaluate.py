@@ -741,8 +741,32 @@ def model_group(model: str, run: Optional[str] = None) -> str:
     return _RUN_SUFFIX.sub("", model) if model else model
 
 
+def _side_by_side(rows: list[dict], order: Mapping[str, int]) -> list[str]:
+    """One line per model (run, dataset): every protocol's accuracy ± std, AUC and TAR at FAR 1e-3 next to each
+    other, the models one under another (markdown lines, a blank line after)."""
+    protos = sorted({r["protocol"] for r in rows}, key=lambda p: (order.get(p, len(order)), p))
+    if not protos:
+        return []
+    keyed: dict[tuple, dict] = {}
+    for r in rows:
+        keyed.setdefault((r["model"], r["run"], r["dataset"], r["settings"]), {})[r["protocol"]] = r
+    slash = " / ".join(protos)
+    lines = ["## Side by side", "",
+             f"| model | run | dataset | scoring | {' | '.join(protos)} | AUC {slash} | TAR@1e-3 {slash} |",
+             "|---|---|---|---|" + "---:|" * len(protos) + "---|---|"]
+    for (model, run, ds, st), by in keyed.items():
+        acc = [("–" if p not in by else fmt_pct(by[p]["mean"]) if by[p]["n_folds"] < 2 else
+                f"{fmt_pct(by[p]['mean'])} ± {fmt_pct(by[p]['std'])}") for p in protos]
+        auc = " / ".join(f"{by[p]['auc']:.4f}" if p in by else "–" for p in protos)
+        tar = " / ".join(fmt_pct(by[p]["tar3"]) if p in by else "–" for p in protos)
+        lines.append(f"| {model} | {run} | {ds} | {st} | {' | '.join(acc)} | {auc} | {tar} |")
+    return lines + [""]
+
+
 def summarize(json_paths: Iterable[str | os.PathLike]) -> str:
-    """Markdown summary: one row per model/run, dataset and protocol; then mean ± std over repeated runs."""
+    """Markdown summary: the models side by side (a line per model/run and dataset, the protocols as columns);
+    one row per model/run, dataset and protocol (clean, mixed, masked in that order); then, where a model was
+    run more than once, mean ± std over its repeated runs."""
     rows, ident = [], []
     for p in sorted(map(str, json_paths)):
         doc = read_json(p)
@@ -752,7 +776,8 @@ def summarize(json_paths: Iterable[str | os.PathLike]) -> str:
         if "protocols" not in doc:
             continue
         # an evaluation of per-fold models that ran on some folds only says which (never filled in)
-        partial = f"folds {', '.join(map(str, doc['folds_run']))} only" if doc.get("folds_not_run") else ""
+        partial = (f"fold{'s' if len(doc['folds_run']) > 1 else ''} {', '.join(map(str, doc['folds_run']))} only"
+                   if doc.get("folds_not_run") else "")
         for proto, r in doc["protocols"].items():
             if "fold_accuracy" not in r:
                 continue
@@ -761,19 +786,25 @@ def summarize(json_paths: Iterable[str | os.PathLike]) -> str:
                 "run": doc.get("run") or partial,
                 "dataset": doc.get("dataset") or Path(p).stem, "protocol": proto,
                 "settings": settings_label(doc.get("settings", {})), "mean": r["mean"], "std": r["std"],
+                "n_folds": len(r["fold_accuracy"]),
                 "auc": r.get("auc", float("nan")),
                 "tar2": r.get("tar_at_far", {}).get("1e-2", float("nan")),
                 "tar3": r.get("tar_at_far", {}).get("1e-3", float("nan")),
             })
+    order = {name: k for k, name in enumerate(PROTOCOLS)}     # clean, mixed, masked; any other after them
+    rows.sort(key=lambda r: (r["model"], r["run"], r["dataset"], order.get(r["protocol"], len(order)),
+                             r["protocol"]))
     lines = ["# Evaluation summary", "",
-             "Accuracies in percent (10-fold mean and std); AUC; TAR at FAR 1e-2 / 1e-3 in percent.", "",
-             "| model | run | dataset | protocol | scoring | accuracy | std | AUC | TAR@1e-2 | TAR@1e-3 |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+             "Accuracies in percent (10-fold mean and std); AUC; TAR at FAR 1e-2 / 1e-3 in percent.", ""]
+    lines += _side_by_side(rows, order)
+    lines += ["## Every protocol", "",
+              "| model | run | dataset | protocol | scoring | accuracy | std | AUC | TAR@1e-2 | TAR@1e-3 |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['run']} | {r['dataset']} | {r['protocol']} | {r['settings']} | "
                      f"{fmt_pct(r['mean'])} | {fmt_pct(r['std'])} | {r['auc']:.5f} | {fmt_pct(r['tar2'])} | "
                      f"{fmt_pct(r['tar3'])} |")
-    if rows:
+    if rows and pd.DataFrame(rows).groupby(["group", "dataset", "protocol", "settings"]).size().max() > 1:
         df = pd.DataFrame(rows)
         lines += ["", "## Over repeated runs (mean ± std of the runs' 10-fold means)", "",
                   "| model | dataset | protocol | scoring | runs | accuracy | AUC |", "|---|---|---|---|---:|---:|---:|"]
