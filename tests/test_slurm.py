@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -123,13 +124,14 @@ def _need_root_and_slurm() -> None:
 
 
 @contextlib.contextmanager
-def _local_cluster(logs: Path, left, gpus: int = 0):
+def _local_cluster(logs: Path, left, gpus: int = 0, proctrack: str = "linuxproc"):
     """The one-node cluster for the body of the with-block (`gpus` stand-in GPUs: gres/gpu on /dev/null
-    copies), torn down afterwards whatever happened; then checks that the machine is left clean: daemons gone,
+    copies; `proctrack`: linuxproc, or cgroup as on most production clusters), torn down afterwards whatever
+    happened; then checks that the machine is left clean: daemons gone,
     no pid file (a stale /run/slurmctld.pid breaks purging the packages), no generated config."""
     with _cluster_lock(timeout=60):
         try:
-            env = {**os.environ, "LOCAL_SLURM_GPUS": str(gpus)}
+            env = {**os.environ, "LOCAL_SLURM_GPUS": str(gpus), "LOCAL_SLURM_PROCTRACK": proctrack}
             rc, out = _script("up", logs / "up.log", timeout=min(240, left()), env=env)
             if rc == 77:
                 pytest.skip(f"no local SLURM possible here: {out.strip().splitlines()[-1]}")
@@ -141,7 +143,8 @@ def _local_cluster(logs: Path, left, gpus: int = 0):
         assert rc == 0, f"local_slurm.sh down {'timed out' if rc is None else f'failed ({rc})'}:\n{down[-3000:]}"
         assert not [p for p in daemons if Path(f"/proc/{p}").exists()], down
         for f in ("/run/slurmctld.pid", "/run/slurmd.pid", "/run/munge/munged.pid", "/etc/slurm/slurm.conf",
-                  "/etc/slurm/gres.conf", "/run/gugugirls-fake-gpus"):
+                  "/etc/slurm/gres.conf", "/etc/slurm/cgroup.conf", "/run/gugugirls-fake-gpus",
+                  f"/sys/fs/cgroup/freezer/slurm_{socket.gethostname().split('.')[0]}"):
             assert not Path(f).exists(), f
 
 
@@ -234,9 +237,12 @@ def test_a_multi_gpu_train_job_is_one_task_on_one_node_and_its_step_is_given_eve
         assert not (work / "results/models/t-fold1-seed1/model.pt").exists()
 
 
-def test_scancel_stops_a_training_job_that_then_removes_its_staged_copies(tmp_path):
+@pytest.mark.parametrize("proctrack", ["linuxproc", "cgroup"])
+def test_scancel_stops_a_training_job_that_then_removes_its_staged_copies(tmp_path, proctrack):
     """scancel of a running train job on the one-node cluster: SLURM sends SIGTERM to the job step's
-    processes (KillWait 5 s before SIGKILL on this cluster), the training script turns it into a normal exit
+    processes (KillWait 5 s before SIGKILL on this cluster), found by their process tree (proctrack/linuxproc)
+    or, as on most production clusters, by their cgroup (proctrack/cgroup: every process of the step at once,
+    Snakemake's and the script's alike), the training script turns it into a normal exit
     (143, "stopped by signal 15") and its caches' copies in train.stage's folder are gone; Snakemake reports
     the job failed. The job trains for real (a small network on synthetic caches) until it is cancelled."""
     _need_root_and_slurm()
@@ -255,7 +261,7 @@ def test_scancel_stops_a_training_job_that_then_removes_its_staged_copies(tmp_pa
     cmd = [sys.executable, "-m", "snakemake", "-s", REPO / "Snakefile", "-d", work, "--profile", PROFILE,
            "train_all", "--set-resources", "train:mem_mb=2048"]
 
-    with _local_cluster(logs, left), open(logs / "snakemake.log", "w") as out:
+    with _local_cluster(logs, left, proctrack=proctrack), open(logs / "snakemake.log", "w") as out:
         sm = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True)
         try:

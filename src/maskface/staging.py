@@ -22,7 +22,8 @@ log. Staging never changes a result, so it never fails a job. Each choice, and t
 staged, is one line of the job's log.
 
 The copies go when the job ends, also when it is stopped by SIGTERM (``scancel``, a SLURM time limit),
-SIGHUP (:func:`maskface.train.launch` turns both into a normal exit) or SIGINT (Ctrl-C), at whatever moment:
+SIGHUP (:func:`maskface.train.launch` turns both into a normal exit; inside SLURM it also notices a stop whose
+SIGTERM reaches only the job step's task, :mod:`maskface.slurmjob`) or SIGINT (Ctrl-C), at whatever moment:
 the caller's mapping is filled copy by copy, and the folder is created with signals held. A job killed outright
 (SIGKILL, a crash) leaves them, so each staged folder records its owner (host, boot, PID namespace, process,
 SLURM job), and the next run that stages into the same folder from the same machine removes the folders

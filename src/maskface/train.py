@@ -96,6 +96,7 @@ from .foldeval import evaluate_fold
 from .manifest import code_version, git_commit, sha256_file
 from .models import MarginHead, make_head, preprocess, save_model, sphereface_net
 from .train_config import AFTER_TRAINING, DIGEST_NEUTRAL, NON_SEMANTIC, merged
+from .slurmjob import stop_with_job
 from .staging import stage, unstage
 from .train_data import BatchStream, StreamSampler, TrainData, build_cache, build_data, cache_files
 
@@ -741,7 +742,9 @@ def launch(spec: Mapping[str, Any], out_dir: str | os.PathLike) -> Optional[dict
     if gpus > 1 and cfg["device"] != "cpu":
         claim_gpus(gpus)
         require_gpus(gpus, "train.gpus")
-    with _stop_signals() as hold:
+    # stop_with_job: a SLURM job that is ending stops this run even where SLURM's SIGTERM reaches only the job
+    # step's task (proctrack/cgroup), not this script
+    with _stop_signals() as hold, stop_with_job():
         # the caches on the node's local disk, once for every rank (they inherit the mapping), removed at the end;
         # stage() fills `copies` as it goes, so a signal at any point leaves nothing that this finally misses
         copies: dict[str, str] = {}
