@@ -494,3 +494,11 @@ def test_summary_puts_the_models_side_by_side_in_protocol_order(tmp_path):
              if line.startswith("| dlib-resnet |")]
     assert every == ["clean", "mixed", "masked"]
     assert "Over repeated runs" not in text                    # every model ran once
+    # a '|' in a name stays one cell, in the markdown and on the report page; a run number is no trouble
+    c = doc("ft|v2", {"clean": [0.97], "mixed": [0.9], "masked": [0.8]}, {"clean": 0.99, "mixed": 0.9, "masked": 0.8},
+            {"clean": 0.9, "mixed": 0.5, "masked": 0.4}, run=3)
+    text = summarize([a, b, c])
+    line = [ln for ln in text.split("## Every protocol")[0].splitlines() if ln.startswith("| ft\\|v2 ")]
+    assert len(line) == 1 and line[0].count(" | ") == 8 and "| 3 |" in line[0]
+    from maskface.report import markdown_to_html
+    assert "<td class=\"\">ft|v2</td>" in markdown_to_html(text) or ">ft|v2</td>" in markdown_to_html(text)

@@ -240,9 +240,11 @@ def test_a_multi_gpu_train_job_is_one_task_on_one_node_and_its_step_is_given_eve
 @pytest.mark.parametrize("proctrack", ["linuxproc", "cgroup"])
 def test_scancel_stops_a_training_job_that_then_removes_its_staged_copies(tmp_path, proctrack):
     """scancel of a running train job on the one-node cluster: SLURM sends SIGTERM to the job step's
-    processes (KillWait 5 s before SIGKILL on this cluster), found by their process tree (proctrack/linuxproc)
-    or, as on most production clusters, by their cgroup (proctrack/cgroup: every process of the step at once,
-    Snakemake's and the script's alike), the training script turns it into a normal exit
+    processes (KillWait 5 s before SIGKILL on this cluster). With proctrack/linuxproc SLURM signals the step's
+    whole process tree, the script included. With proctrack/cgroup, as on most production clusters, SIGTERM
+    reaches only the step's task (Snakemake's job process, which waits for its job), and the script learns of
+    the stop from its look at the job's state (maskface.slurmjob). Either way the training script turns it into
+    a normal exit
     (143, "stopped by signal 15") and its caches' copies in train.stage's folder are gone; Snakemake reports
     the job failed. The job trains for real (a small network on synthetic caches) until it is cancelled."""
     _need_root_and_slurm()
@@ -257,7 +259,9 @@ def test_scancel_stops_a_training_job_that_then_removes_its_staged_copies(tmp_pa
                                   "checkpoint_every": 10 ** 6, "log_every": 20, "max_cpu_hours": 10 ** 4,
                                   "mask_fractions": [0.5], "stage": str(local)}, caches=True)
     rule_log = work / "results/logs/train/t-m50-fold1-seed1.log"
-    env = {k: v for k, v in os.environ.items() if k != "MASKFACE_SLURM_PARTITION"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MASKFACE_SLURM_PARTITION", "MASKFACE_SLURM_POLL")}
+    if proctrack == "cgroup":       # twice a second: well inside KillWait (5 s) on a busy machine
+        env["MASKFACE_SLURM_POLL"] = "0.5"
     cmd = [sys.executable, "-m", "snakemake", "-s", REPO / "Snakefile", "-d", work, "--profile", PROFILE,
            "train_all", "--set-resources", "train:mem_mb=2048"]
 
@@ -286,5 +290,9 @@ def test_scancel_stops_a_training_job_that_then_removes_its_staged_copies(tmp_pa
         assert _job(jid)["JobState"] == "CANCELLED", _job(jid)
         log_text = rule_log.read_text()
         assert "stopped by signal 15" in log_text, log_text[-3000:]
+        if proctrack == "cgroup":   # the job's state stopped it: SLURM's SIGTERM never reached the script
+            assert f"SLURM job {jid} is COMPLETING: stopping as on SIGTERM" in log_text, log_text[-3000:]
+        else:                       # the interval came from the cluster's KillWait (5 s / 3)
+            assert f"watching SLURM job {jid}'s state every 1.7 s" in log_text, log_text[-3000:]
         assert list(local.iterdir()) == [], list(local.rglob("*"))
         assert not (work / "results/models/t-m50-fold1-seed1/model.pt").exists()

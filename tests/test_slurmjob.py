@@ -19,12 +19,12 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PO
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    """squeue prints the file `state` (or exits 1 when it holds FAIL) and logs its arguments; scontrol shows a
-    KillWait of 6 s. Returns the state file."""
+    """squeue prints the file `state` (its `%A %T` lines; exits 1 when it holds FAIL) and logs its arguments;
+    scontrol shows a KillWait of 6 s. Returns the state file."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     state = tmp_path / "state"
-    state.write_text("RUNNING\n")
+    state.write_text("4242 RUNNING\n")
     calls = tmp_path / "calls"
     (bin_ / "squeue").write_text(f"""#!/bin/sh
 echo "$@" >> {calls}
@@ -51,36 +51,41 @@ def _wait_for_stop(seconds: float) -> float:
     return time.monotonic() - t0
 
 
-def test_an_ending_slurm_job_stops_the_run_as_a_sigterm_would(fake_slurm, caplog):
+@pytest.mark.parametrize("ending", ["4242 COMPLETING", "4241 RUNNING\n4242 COMPLETING\n4243 RUNNING"])
+def test_an_ending_slurm_job_stops_the_run_as_a_sigterm_would(fake_slurm, caplog, ending):
     assert slurmjob.poll_interval() == pytest.approx(2.0)       # a third of KillWait
     os.environ[slurmjob.POLL_ENV] = "0.2"
     try:
         with _stop_signals(), slurmjob.stop_with_job() as watcher:
             assert watcher is not None and watcher.daemon
             time.sleep(1.0)                                      # RUNNING: nothing happens
-            threading.Timer(0.3, lambda: fake_slurm.write_text("COMPLETING\n")).start()
+            threading.Timer(0.3, lambda: fake_slurm.write_text(ending + "\n")).start()
             took = _wait_for_stop(20)
         assert took < 3, took                                    # the main thread's sleep was cut short
         assert "SLURM job 4242 is COMPLETING" in caplog.text and "stopped by signal 15" in caplog.text
         calls = (fake_slurm.parent / "calls").read_text().splitlines()
-        assert len(calls) >= 5 and set(calls) == {"-h -j 4242 -o %T"}
+        assert len(calls) >= 2 and set(calls) == {"-h -j 4242 -o %A %T"}
         watcher.join(5)
         assert not watcher.is_alive()
     finally:
         del os.environ[slurmjob.POLL_ENV]
 
 
-@pytest.mark.parametrize("answer", ["FAIL", "", "RUNNING\nRUNNING", "slurm_load_jobs error: Invalid job id",
-                                    "PENDING", "SUSPENDED"])
+@pytest.mark.parametrize("answer", [
+    "FAIL", "", "4242 RUNNING\n4242 COMPLETING", "slurm_load_jobs error: Invalid job id", "COMPLETING",
+    "4242 PENDING", "4242 SUSPENDED",
+    "4242 STOPPED", "4242 SIGNALING",                 # scancel -s STOP: the job goes on after SIGCONT
+    "4241 COMPLETING\n4242 RUNNING",                  # another task of the array ends, not this one
+    "4243 CANCELLED"])
 def test_no_clear_answer_that_the_job_is_ending_never_stops_it(fake_slurm, monkeypatch, answer):
     monkeypatch.setenv(slurmjob.POLL_ENV, "0.1")
     fake_slurm.write_text(answer + "\n")
     with _stop_signals(), slurmjob.stop_with_job() as watcher:
         assert watcher is not None
         time.sleep(1.0)
-    assert len((fake_slurm.parent / "calls").read_text().splitlines()) >= 4
+    assert len((fake_slurm.parent / "calls").read_text().splitlines()) >= 2
     # once the block is over, nothing is sent, whatever squeue then says
-    fake_slurm.write_text("CANCELLED\n")
+    fake_slurm.write_text("4242 CANCELLED\n")
     time.sleep(0.5)
     watcher.join(5)
     assert not watcher.is_alive()

@@ -741,25 +741,30 @@ def model_group(model: str, run: Optional[str] = None) -> str:
     return _RUN_SUFFIX.sub("", model) if model else model
 
 
+def _cell(value: Any) -> str:
+    """A markdown table cell's text: a '|' of a name escaped."""
+    return str(value).replace("|", "\\|")
+
+
 def _side_by_side(rows: list[dict], order: Mapping[str, int]) -> list[str]:
     """One line per model (run, dataset): every protocol's accuracy ± std, AUC and TAR at FAR 1e-3 next to each
     other, the models one under another (markdown lines, a blank line after)."""
     protos = sorted({r["protocol"] for r in rows}, key=lambda p: (order.get(p, len(order)), p))
     if not protos:
         return []
-    keyed: dict[tuple, dict] = {}
+    keyed: dict[tuple, dict] = {}      # one line per result file (and scoring)
     for r in rows:
-        keyed.setdefault((r["model"], r["run"], r["dataset"], r["settings"]), {})[r["protocol"]] = r
+        keyed.setdefault((r["source"], r["model"], r["run"], r["dataset"], r["settings"]), {})[r["protocol"]] = r
     slash = " / ".join(protos)
     lines = ["## Side by side", "",
              f"| model | run | dataset | scoring | {' | '.join(protos)} | AUC {slash} | TAR@1e-3 {slash} |",
              "|---|---|---|---|" + "---:|" * len(protos) + "---|---|"]
-    for (model, run, ds, st), by in keyed.items():
+    for (_, model, run, ds, st), by in keyed.items():
         acc = [("–" if p not in by else fmt_pct(by[p]["mean"]) if by[p]["n_folds"] < 2 else
                 f"{fmt_pct(by[p]['mean'])} ± {fmt_pct(by[p]['std'])}") for p in protos]
         auc = " / ".join(f"{by[p]['auc']:.4f}" if p in by else "–" for p in protos)
         tar = " / ".join(fmt_pct(by[p]["tar3"]) if p in by else "–" for p in protos)
-        lines.append(f"| {model} | {run} | {ds} | {st} | {' | '.join(acc)} | {auc} | {tar} |")
+        lines.append(f"| {_cell(model)} | {_cell(run)} | {_cell(ds)} | {st} | {' | '.join(acc)} | {auc} | {tar} |")
     return lines + [""]
 
 
@@ -782,8 +787,8 @@ def summarize(json_paths: Iterable[str | os.PathLike]) -> str:
             if "fold_accuracy" not in r:
                 continue
             rows.append({
-                "group": doc.get("group") or model_group(model), "model": model,
-                "run": doc.get("run") or partial,
+                "source": p, "group": doc.get("group") or model_group(model), "model": model,
+                "run": str(doc.get("run") or partial),
                 "dataset": doc.get("dataset") or Path(p).stem, "protocol": proto,
                 "settings": settings_label(doc.get("settings", {})), "mean": r["mean"], "std": r["std"],
                 "n_folds": len(r["fold_accuracy"]),

@@ -34,12 +34,13 @@ def _inline(text: str) -> str:
 
 
 def _cells(line: str) -> list[str]:
+    """A markdown table row's cells; ``\\|`` is a '|' inside a cell."""
     line = line.strip()
     if line.startswith("|"):
         line = line[1:]
-    if line.endswith("|"):
+    if line.endswith("|") and not line.endswith("\\|"):
         line = line[:-1]
-    return [c.strip() for c in line.split("|")]
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)]
 
 
 def markdown_to_html(md: str) -> str:

@@ -9,8 +9,8 @@ training script is its child: it would be killed outright, its staged caches lef
 torchrun's ranks cut mid-step. (With proctrack/linuxproc the whole process tree gets the SIGTERM.)
 
 :func:`stop_with_job` asks SLURM for the job's state while the run lasts (``squeue`` for this one job, every
-third of KillWait, at most every 15 s) and, once the job is ending (COMPLETING, CANCELLED, TIMEOUT,
-PREEMPTED, ...), sends SIGTERM to this process's main thread, which then stops as on a SIGTERM of its own.
+third of KillWait: at least every 15 s, at most once a second) and, once the job is ending (COMPLETING,
+CANCELLED, TIMEOUT, PREEMPTED, ...), sends SIGTERM to this process's main thread, which then stops as on a SIGTERM of its own.
 Outside SLURM, without ``squeue``, or with ``MASKFACE_SLURM_POLL=0`` it does nothing;
 ``MASKFACE_SLURM_POLL=<seconds>`` sets the interval. A failed or unclear ``squeue`` answer never stops a job.
 """
@@ -30,10 +30,11 @@ log = logging.getLogger("maskface.slurmjob")
 
 POLL_ENV = "MASKFACE_SLURM_POLL"
 MAX_POLL_S = 15.0
-# squeue's %T of a job on its way out (a cancelled job is COMPLETING while its processes still run)
+# squeue's %T of a job on its way out (a cancelled job is COMPLETING while its processes still run). Not
+# STOPPED or SIGNALING: a job stopped by `scancel -s STOP` goes on after SIGCONT
 ENDING = frozenset({"COMPLETING", "CANCELLED", "TIMEOUT", "PREEMPTED", "FAILED", "NODE_FAIL", "DEADLINE",
-                    "OUT_OF_MEMORY", "BOOT_FAIL", "COMPLETED", "STOPPED", "REQUEUED", "REQUEUE_HOLD",
-                    "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "SPECIAL_EXIT"})
+                    "OUT_OF_MEMORY", "BOOT_FAIL", "COMPLETED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                    "STAGE_OUT", "SPECIAL_EXIT"})
 
 
 def _run(cmd: list[str], timeout: float = 20.0) -> Optional[str]:
@@ -53,10 +54,13 @@ def kill_wait() -> Optional[float]:
 
 
 def job_state(job_id: str) -> Optional[str]:
-    """squeue's state of the job (RUNNING, COMPLETING, ...), or None when squeue gives no clear answer."""
-    out = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T"])
-    lines = [ln.strip() for ln in (out or "").splitlines() if ln.strip()]
-    return lines[0].upper() if len(lines) == 1 and re.fullmatch(r"[A-Za-z_]+", lines[0]) else None
+    """squeue's state of the job (RUNNING, COMPLETING, ...), or None when squeue gives no clear answer. The
+    line of this job id only: ``squeue -j`` of an array's own id, or of a heterogeneous job's leader, lists
+    the other tasks or components too."""
+    out = _run(["squeue", "-h", "-j", str(job_id), "-o", "%A %T"])
+    states = [m.group(2).upper() for m in (re.fullmatch(r"(\S+)\s+([A-Za-z_]+)", ln.strip())
+                                          for ln in (out or "").splitlines()) if m and m.group(1) == str(job_id)]
+    return states[0] if len(states) == 1 else None
 
 
 def poll_interval() -> Optional[float]:
@@ -91,7 +95,11 @@ def stop_with_job() -> Iterator[Optional[threading.Thread]]:
 
     def watch() -> None:
         while not done.wait(interval):
-            state = job_state(job)
+            try:
+                state = job_state(job)
+            except Exception as e:  # noqa: BLE001 - a look that fails is no answer; the run goes on
+                log.warning("SLURM job %s: no state this time (%s)", job, e)
+                continue
             if state in ENDING:
                 with lock:              # never once the block has ended: its SIGTERM handler may be gone
                     if done.is_set():
@@ -104,8 +112,8 @@ def stop_with_job() -> Iterator[Optional[threading.Thread]]:
     thread = threading.Thread(target=watch, name=f"slurm-job-{job}", daemon=True)
     log.info("watching SLURM job %s's state every %.1f s, so that a stop reaches this run on any cluster",
              job, interval)
-    thread.start()
     try:
+        thread.start()
         yield thread
     finally:
         with lock:

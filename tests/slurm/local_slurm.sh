@@ -144,6 +144,11 @@ conf_is_ours_or_absent() {
     fi
 }
 
+# The (empty) cgroups that slurmd left under proctrack/cgroup; one that still holds a process stays.
+remove_cgroups() {
+    find /sys/fs/cgroup/*/"slurm_$(hostname -s)" -depth -type d -exec rmdir {} + 2>/dev/null || true
+}
+
 write_conf() {
     local host detected cpus topo mem
     host=$(hostname -s)
@@ -165,14 +170,16 @@ write_conf() {
     if [[ -e $CGROUP_CONF ]] && ! grep -qxF "$MARK" "$CGROUP_CONF"; then
         impossible "$CGROUP_CONF exists and was not written by this script: refusing to touch a real SLURM setup"
     fi
+    if [[ -e $CGROUP_CONF ]]; then remove_cgroups; fi
     rm -f "$CGROUP_CONF"
     case $proctrack in
         linuxproc) ;;
         cgroup)
             # Slurm 22.05's cgroup/v1 plugin freezes and signals a job step through the freezer controller
             local probe=/sys/fs/cgroup/freezer/gugugirls-probe-$$
-            mkdir "$probe" 2>/dev/null && rmdir "$probe" ||
+            mkdir "$probe" 2>/dev/null ||
                 impossible "LOCAL_SLURM_PROCTRACK=cgroup needs a writable cgroup v1 freezer at /sys/fs/cgroup/freezer"
+            rmdir "$probe"
             printf '%s\nCgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\nCgroupAutomount=no\n' "$MARK" >"$CGROUP_CONF" ;;
         *) die "LOCAL_SLURM_PROCTRACK=$proctrack: linuxproc or cgroup" ;;
     esac
@@ -300,11 +307,7 @@ down() {
     rm -rf "${CTLD_STATE:?}"/* "${SLURMD_SPOOL:?}"/* 2>/dev/null || true
     if [[ -e $CONF ]] && grep -qxF "$MARK" "$CONF"; then rm -f "$CONF"; fi
     if [[ -e $GRES_CONF ]] && grep -qxF "$MARK" "$GRES_CONF"; then rm -f "$GRES_CONF"; fi
-    if [[ -e $CGROUP_CONF ]] && grep -qxF "$MARK" "$CGROUP_CONF"; then
-        # the (empty) cgroups slurmd left; rmdir fails on any that still holds a process, which stays
-        find /sys/fs/cgroup/*/"slurm_$(hostname -s)" -depth -type d -exec rmdir {} + 2>/dev/null || true
-        rm -f "$CGROUP_CONF"
-    fi
+    if [[ -e $CGROUP_CONF ]] && grep -qxF "$MARK" "$CGROUP_CONF"; then remove_cgroups; rm -f "$CGROUP_CONF"; fi
     rm -rf "$FAKE_GPUS"
     rmdir "$MUNGE_RUN" 2>/dev/null || true
     say "down: no SLURM or munge daemon of ours running, pid files and state removed"
