@@ -243,10 +243,9 @@ def test_scancel_stops_a_training_job_that_then_removes_its_staged_copies(tmp_pa
     processes (KillWait 5 s before SIGKILL on this cluster). With proctrack/linuxproc SLURM signals the step's
     whole process tree, the script included. With proctrack/cgroup, as on most production clusters, SIGTERM
     reaches only the step's task (Snakemake's job process, which waits for its job), and the script learns of
-    the stop from its look at the job's state (maskface.slurmjob). Either way the training script turns it into
-    a normal exit
-    (143, "stopped by signal 15") and its caches' copies in train.stage's folder are gone; Snakemake reports
-    the job failed. The job trains for real (a small network on synthetic caches) until it is cancelled."""
+    the stop from its look at the job's state (maskface.slurmjob). Either way the training script finishes its
+    iteration, writes the checkpoint and exits (143, "stopped by signal 15"), and its caches' copies in
+    train.stage's folder are gone; Snakemake reports the job failed. The job trains for real (a small network on synthetic caches) until it is cancelled."""
     _need_root_and_slurm()
     start = time.monotonic()
     left = lambda: BUDGET_S - (time.monotonic() - start)  # noqa: E731
@@ -290,6 +289,9 @@ def test_scancel_stops_a_training_job_that_then_removes_its_staged_copies(tmp_pa
         assert _job(jid)["JobState"] == "CANCELLED", _job(jid)
         log_text = rule_log.read_text()
         assert "stopped by signal 15" in log_text, log_text[-3000:]
+        # the iteration under way finished and was checkpointed (none was due): a resubmitted job resumes there
+        assert "checkpoint written, the next run of t-m50-fold1-seed1 resumes there" in log_text, log_text[-3000:]
+        assert (work / "results/models/t-m50-fold1-seed1/checkpoint.pt").exists()
         if proctrack == "cgroup":   # the job's state stopped it: SLURM's SIGTERM never reached the script
             assert f"SLURM job {jid} is COMPLETING: stopping as on SIGTERM" in log_text, log_text[-3000:]
         else:                       # the interval came from the cluster's KillWait (5 s / 3)

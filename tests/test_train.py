@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -844,3 +845,29 @@ def test_summary_of_groups_side_by_side():
     assert "threshold from the other nine folds" in md
     held = summary_markdown(summarize_groups({"x": [{**ev(0.9, 0.8), "validation_fold": 2}]}), "x")
     assert "threshold and mean feature from the next fold" in held and "other nine" not in held
+
+
+def test_a_job_stopped_by_sigterm_writes_its_checkpoint_and_the_next_run_ends_bit_identical(syn, tmp_path):
+    """scancel or a SLURM time limit mid-run: the iteration under way finishes, the checkpoint of it is
+    written (none was due: checkpoint_every is larger than the run), the job exits 143; the next run resumes
+    at that iteration and ends with the weights and log of a run never stopped."""
+    spec = _spec(syn, mask_fraction=0.5, iterations=400, checkpoint_every=10 ** 6, log_every=4, batch_size=4)
+    train_run(spec, tmp_path / "ref")
+    (tmp_path / "spec.json").write_text(json.dumps(spec, default=list))
+    run = tmp_path / "run"
+    code = ("import json, logging, sys; logging.basicConfig(level=logging.INFO); "
+            "from maskface.train import launch; launch(json.load(open(sys.argv[1])), sys.argv[2])")
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err_out:
+        job = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "spec.json"), str(run)],
+                               stderr=err_out, text=True)
+        _stop_with_sigterm(job, lambda: "it 20/400" in err_file.read_text())
+    err = err_file.read_text()
+    assert job.returncode == 143, err[-2000:]
+    m = re.search(r"stopped after iteration (\d+) of 400: checkpoint written", err)
+    assert m and "stopped by signal 15" in err, err[-2000:]
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert 20 <= ck["iteration"] == int(m.group(1)) < 400 and not (run / "model.pt").exists()
+    res = train_run(spec, run)
+    assert res["iterations"] == 400
+    _assert_same_run(tmp_path / "ref", run)

@@ -48,6 +48,8 @@ CUDA, numpy, python), data position (samples consumed, epoch, offset), the log r
 window (summed over the ranks) and the digest of the run's spec. A run finding a checkpoint with the same spec
 digest continues from it; a killed run re-runs at most ``checkpoint_every`` iterations and, on CPU or with
 ``train.deterministic``, ends with bit-identical weights (tests/test_train.py checks it, SIGKILL included).
+A one-process job stopped by SIGTERM or SIGHUP (``scancel``, a SLURM time limit) finishes its iteration and
+writes the checkpoint first, so nothing is re-run.
 A different spec starts over.
 
 Outputs of a run (``results/models/{run}/``): ``model.pt`` (maskface-embedder/1, see maskface.models),
@@ -626,9 +628,10 @@ def _step(run: Run, model: nn.Module, it: int, xb: torch.Tensor, yb: torch.Tenso
     return loss, logits, y, lr_used, distill
 
 
-def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[dict]) -> int:
+def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[dict], hold=None) -> int:
     """Iterations ``start`` to ``stop`` (log rows appended to ``rows``, checkpoints written); returns the
-    iterations done."""
+    iterations done. With ``hold`` (:func:`train_run`) a stop by signal comes between two iterations, after a
+    checkpoint of the last one."""
     model = run.module
     if run.world > 1:
         model = nn.parallel.DistributedDataParallel(run.module, device_ids=[run.local_rank]
@@ -641,16 +644,27 @@ def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[di
     run.module.train()
     window = LogWindow(run.device, run.world, run.rank, run.iterations)
     window.load_state_dict(window_state)
-    done = start
+    done = saved = start
+    # SIGTERM / SIGHUP wait for the iteration's end (Ctrl-C does not); one process only: the ranks of a
+    # multi-GPU run would each stop at their own iteration and the checkpoint's all-reduce would not match
+    guard = (lambda: hold(ctrl_c=False)) if hold is not None and run.world == 1 else contextlib.nullcontext
     try:
         for it, xb, yb, fb, n_masked, tb in stream:
-            loss, logits, y, lr_used, distill = _step(run, model, it, xb, yb, fb, tb)
-            window.add(loss, logits, y, n_masked, distill)
-            done = it + 1
-            if done % log_every == 0 or done == run.iterations:
-                rows.append(window.row(done, run.head.lambda_at(done), lr_used))
-            if done % ckpt_every == 0 or done == stop:
-                _save_checkpoint(run, done, rows, window)
+            with guard():
+                loss, logits, y, lr_used, distill = _step(run, model, it, xb, yb, fb, tb)
+                window.add(loss, logits, y, n_masked, distill)
+                done = it + 1
+                if done % log_every == 0 or done == run.iterations:
+                    rows.append(window.row(done, run.head.lambda_at(done), lr_used))
+                if done % ckpt_every == 0 or done == stop:
+                    _save_checkpoint(run, done, rows, window)
+                    saved = done
+    except SystemExit:
+        if guard is not contextlib.nullcontext and done > saved:
+            _save_checkpoint(run, done, rows, window)
+            log.warning("stopped after iteration %d of %d: checkpoint written, the next run of %s resumes there",
+                        done, run.iterations, run.spec.get("run"))
+        raise
     finally:
         stream.close()
     return done
@@ -718,15 +732,17 @@ def _finalise(run: Run, rows: list, done: int) -> dict:
 
 
 def train_run(spec: Mapping[str, Any], out_dir: str | os.PathLike, *, stop_after: Optional[int] = None,
-              data: Optional[TrainData] = None) -> dict:
+              data: Optional[TrainData] = None, hold=None) -> dict:
     """Train one run (see the module docstring). ``spec``: {"run", "seed", "fold", "exclude_fold", "pairs",
     "sources", "train"}. Writes model.pt, train_log.csv, curve.png (rank 0) unless stopped by ``stop_after``
     (after that many iterations, once the checkpoint is written: the interruption used by the tests).
+    ``hold`` (from :func:`_stop_signals`, one process): a SIGTERM or SIGHUP during an iteration lets it finish,
+    writes the checkpoint and then stops the run, so that the next run resumes exactly there.
     Returns a summary dict."""
     run = _setup(spec, out_dir, data)
     start, rows, window_state = _resume(run)
     stop = run.iterations if stop_after is None else min(run.iterations, int(stop_after))
-    done = _loop(run, rows, start, stop, window_state)
+    done = _loop(run, rows, start, stop, window_state, hold)
     return _finalise(run, rows, done)
 
 
@@ -751,7 +767,7 @@ def launch(spec: Mapping[str, Any], out_dir: str | os.PathLike) -> Optional[dict
         try:
             stage(cache_files(spec), str(cfg["stage"]), into=copies, hold=hold)
             if gpus <= 1:
-                return train_run(spec, out)
+                return train_run(spec, out, hold=hold)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                    "-m", "maskface.train", "run", "--spec", str(out / "spec.json")]
             log.info("launching %s", " ".join(cmd))
@@ -772,8 +788,9 @@ def _stop_signals():
     the clean-up short.
 
     Yields ``hold``: a context manager for the few instructions that a signal must not split (a staged folder
-    created but not yet recorded, torchrun started but not yet known). A SIGTERM, SIGHUP or SIGINT (Ctrl-C) that
-    arrives inside waits for its end and is raised there. Only the main thread can take signals; elsewhere
+    created but not yet recorded, torchrun started but not yet known, a training iteration). A SIGTERM, SIGHUP
+    or SIGINT (Ctrl-C; not with ``hold(ctrl_c=False)``) that arrives inside waits for its end and is raised
+    there. Only the main thread can take signals; elsewhere
     nothing is installed and ``hold`` does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield contextlib.nullcontext
@@ -799,10 +816,10 @@ def _stop_signals():
         state["pending"] = state["pending"] or signum
 
     @contextlib.contextmanager
-    def hold():
+    def hold(ctrl_c: bool = True):
         # Ctrl-C too: Python's own handler would raise KeyboardInterrupt at the same bad moment (a handler
-        # the user set, or SIGINT ignored, is left alone)
-        swap = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # the user set, or SIGINT ignored, is left alone); ctrl_c=False leaves Ctrl-C immediate
+        swap = ctrl_c and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         if swap:
             signal.signal(signal.SIGINT, _interrupt)
         state["held"] += 1
