@@ -871,3 +871,41 @@ def test_a_job_stopped_by_sigterm_writes_its_checkpoint_and_the_next_run_ends_bi
     res = train_run(spec, run)
     assert res["iterations"] == 400
     _assert_same_run(tmp_path / "ref", run)
+
+
+@pytest.mark.slow
+def test_a_stopped_multi_gpu_job_checkpoints_every_rank_at_the_same_iteration(syn, tmp_path):
+    """2 ranks (gloo on CPU) under launch and torchrun: SIGTERM to the job reaches torchrun, which passes it on
+    to the ranks; they agree on one iteration, write its checkpoint (the log window summed over both), and
+    the job exits 143. Resumed, the run's log equals that of a 2-rank run never stopped."""
+    spec = _spec(syn, iterations=300, batch_size=8, mask_fraction=0.5, threads=1, log_every=4,
+                 checkpoint_every=10 ** 6, gpus=2, device="cpu")
+    for name in ("uncut", "cut"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "spec.json").write_text(json.dumps(spec))
+    _torchrun(tmp_path / "uncut" / "spec.json")
+    code = ("import json, logging, sys; logging.basicConfig(level=logging.INFO); "
+            "from maskface.train import launch; launch(json.load(open(sys.argv[1])), sys.argv[2])")
+    err_file = tmp_path / "stderr.txt"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    with open(err_file, "w") as err_out:
+        job = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cut" / "spec.json"), str(tmp_path / "cut")],
+                               stderr=err_out, text=True, env=env)
+        _stop_with_sigterm(job, lambda: "it 20/300" in err_file.read_text())
+    err = err_file.read_text()
+    assert job.returncode == 143, err[-3000:]
+    m = re.findall(r"stopped after iteration (\d+) of 300: checkpoint written", err)
+    assert len(m) == 1, err[-3000:]                    # rank 0 says it once
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    done = int(m[0])
+    assert ck["iteration"] == done and 20 <= done < 300 and done % 5 == 0, (ck["iteration"], m)
+    assert ck["window"]["n"] == (done % 4) * 8          # both ranks' samples of the open log window
+    assert not (tmp_path / "cut" / "model.pt").exists()
+    _torchrun(tmp_path / "cut" / "spec.json")
+    a, b = pd.read_csv(tmp_path / "uncut" / "train_log.csv"), pd.read_csv(tmp_path / "cut" / "train_log.csv")
+    assert list(a["iteration"]) == list(b["iteration"])
+    np.testing.assert_array_equal(a["masked_share"], b["masked_share"])
+    np.testing.assert_allclose(a[["loss", "accuracy"]], b[["loss", "accuracy"]], rtol=1e-6)
+    wa, wb = _weights(tmp_path / "uncut" / "model.pt"), _weights(tmp_path / "cut" / "model.pt")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)

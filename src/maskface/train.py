@@ -48,8 +48,9 @@ CUDA, numpy, python), data position (samples consumed, epoch, offset), the log r
 window (summed over the ranks) and the digest of the run's spec. A run finding a checkpoint with the same spec
 digest continues from it; a killed run re-runs at most ``checkpoint_every`` iterations and, on CPU or with
 ``train.deterministic``, ends with bit-identical weights (tests/test_train.py checks it, SIGKILL included).
-A one-process job stopped by SIGTERM or SIGHUP (``scancel``, a SLURM time limit) finishes its iteration and
-writes the checkpoint first, so nothing is re-run.
+A job stopped by SIGTERM or SIGHUP (``scancel``, a SLURM time limit) finishes its iteration and writes the
+checkpoint first, so nothing is re-run; the ranks of a multi-GPU job agree every ``STOP_CHECK`` iterations
+whether one was stopped, and stop together.
 A different spec starts over.
 
 Outputs of a run (``results/models/{run}/``): ``model.pt`` (maskface-embedder/1, see maskface.models),
@@ -628,10 +629,11 @@ def _step(run: Run, model: nn.Module, it: int, xb: torch.Tensor, yb: torch.Tenso
     return loss, logits, y, lr_used, distill
 
 
-def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[dict], hold=None) -> int:
+def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[dict], hold=None,
+          stop_flag: Optional[dict] = None) -> int:
     """Iterations ``start`` to ``stop`` (log rows appended to ``rows``, checkpoints written); returns the
-    iterations done. With ``hold`` (:func:`train_run`) a stop by signal comes between two iterations, after a
-    checkpoint of the last one."""
+    iterations done. With ``hold`` or ``stop_flag`` (:func:`train_run`) a stop by signal comes between two
+    iterations, after a checkpoint of the last one."""
     model = run.module
     if run.world > 1:
         model = nn.parallel.DistributedDataParallel(run.module, device_ids=[run.local_rank]
@@ -659,6 +661,15 @@ def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[di
                 if done % ckpt_every == 0 or done == stop:
                     _save_checkpoint(run, done, rows, window)
                     saved = done
+            if stop_flag is not None and run.world > 1 and done % STOP_CHECK == 0 and done < stop:
+                signum = _ranks_stop(run, stop_flag)
+                if signum:
+                    if done > saved:
+                        _save_checkpoint(run, done, rows, window)       # every rank: the window is all-reduced
+                    if run.rank == 0:
+                        log.warning("stopped after iteration %d of %d: checkpoint written, the next run of %s "
+                                    "resumes there", done, run.iterations, run.spec.get("run"))
+                    raise SystemExit(128 + signum)
     except SystemExit:
         if guard is not contextlib.nullcontext and done > saved:
             _save_checkpoint(run, done, rows, window)
@@ -668,6 +679,42 @@ def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[di
     finally:
         stream.close()
     return done
+
+
+STOP_CHECK = 5       # iterations between two checks of the ranks for a stop signal (one all-reduce of one int)
+
+
+def _ranks_stop(run: Run, stop_flag: Mapping[str, Any]) -> int:
+    """The signal number any rank was stopped by (the largest), 0 when none: an all-reduce, so that every rank
+    answers the same at the same iteration."""
+    t = torch.tensor([int(stop_flag.get("signum") or 0)], dtype=torch.int32, device=run.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+@contextlib.contextmanager
+def _rank_stop_flag():
+    """In a rank of a multi-GPU run (torchrun passes the job's SIGTERM on to every rank): SIGTERM and SIGHUP
+    only set ``flag["signum"]``, and the training loop stops every rank at the same iteration
+    (:func:`_ranks_stop`). A rank's default would be to die mid-step, its checkpoint unwritten. Yields the flag."""
+    flag: dict[str, Any] = {"signum": None}
+
+    def _note(signum, frame):
+        if flag["signum"] is None:
+            log.warning("rank %s: signal %d, stopping after the ranks' next check", os.environ.get("RANK"), signum)
+            flag["signum"] = signum
+
+    before = {}
+    for name in _EXITING:
+        s = getattr(signal, name, None)
+        if s is None or (s != signal.SIGTERM and signal.getsignal(s) is signal.SIG_IGN):
+            continue
+        before[s] = signal.signal(s, _note) or signal.SIG_DFL
+    try:
+        yield flag
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def _model_meta(run: Run, rows: Sequence[Mapping[str, Any]]) -> dict:
@@ -732,17 +779,19 @@ def _finalise(run: Run, rows: list, done: int) -> dict:
 
 
 def train_run(spec: Mapping[str, Any], out_dir: str | os.PathLike, *, stop_after: Optional[int] = None,
-              data: Optional[TrainData] = None, hold=None) -> dict:
+              data: Optional[TrainData] = None, hold=None, stop_flag: Optional[dict] = None) -> dict:
     """Train one run (see the module docstring). ``spec``: {"run", "seed", "fold", "exclude_fold", "pairs",
     "sources", "train"}. Writes model.pt, train_log.csv, curve.png (rank 0) unless stopped by ``stop_after``
     (after that many iterations, once the checkpoint is written: the interruption used by the tests).
     ``hold`` (from :func:`_stop_signals`, one process): a SIGTERM or SIGHUP during an iteration lets it finish,
-    writes the checkpoint and then stops the run, so that the next run resumes exactly there.
+    writes the checkpoint and then stops the run, so that the next run resumes exactly there. ``stop_flag``
+    (from :func:`_rank_stop_flag`, a rank of a multi-GPU run): the ranks agree every ``STOP_CHECK`` iterations
+    whether any of them was sent SIGTERM or SIGHUP, and if so all stop after the same iteration, checkpointed.
     Returns a summary dict."""
     run = _setup(spec, out_dir, data)
     start, rows, window_state = _resume(run)
     stop = run.iterations if stop_after is None else min(run.iterations, int(stop_after))
-    done = _loop(run, rows, start, stop, window_state, hold)
+    done = _loop(run, rows, start, stop, window_state, hold, stop_flag)
     return _finalise(run, rows, done)
 
 
@@ -896,8 +945,10 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.cmd == "run":
         spec = read_json(a.spec)
+        ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1
         try:
-            res = train_run(spec, a.out or Path(a.spec).parent, stop_after=a.stop_after)
+            with _rank_stop_flag() if ranks else contextlib.nullcontext() as flag:
+                res = train_run(spec, a.out or Path(a.spec).parent, stop_after=a.stop_after, stop_flag=flag)
         finally:
             if torch.distributed.is_initialized():      # torchrun's ranks: leave the group cleanly
                 torch.distributed.destroy_process_group()
