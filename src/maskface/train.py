@@ -630,9 +630,9 @@ def _step(run: Run, model: nn.Module, it: int, xb: torch.Tensor, yb: torch.Tenso
 
 
 def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[dict], hold=None,
-          stop_flag: Optional[dict] = None) -> int:
+          rank_stop: bool = False) -> int:
     """Iterations ``start`` to ``stop`` (log rows appended to ``rows``, checkpoints written); returns the
-    iterations done. With ``hold`` or ``stop_flag`` (:func:`train_run`) a stop by signal comes between two
+    iterations done. With ``hold`` or ``rank_stop`` (:func:`train_run`) a stop by signal comes between two
     iterations, after a checkpoint of the last one."""
     model = run.module
     if run.world > 1:
@@ -647,31 +647,37 @@ def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[di
     window = LogWindow(run.device, run.world, run.rank, run.iterations)
     window.load_state_dict(window_state)
     done = saved = start
-    # SIGTERM / SIGHUP wait for the iteration's end (Ctrl-C does not); one process only: the ranks of a
-    # multi-GPU run would each stop at their own iteration and the checkpoint's all-reduce would not match
-    guard = (lambda: hold(ctrl_c=False)) if hold is not None and run.world == 1 else contextlib.nullcontext
+    # SIGTERM / SIGHUP wait for the iteration's end (Ctrl-C does not), from the second iteration of this run on
+    # (the first may compile or autotune for long). One process only: the ranks of a multi-GPU run would each
+    # stop at their own iteration and the checkpoint's all-reduce would not match; they use rank_stop instead.
+    held = hold is not None and run.world == 1
+    boundary = True                 # between two iterations: a checkpoint may be written
+    flags = _rank_stop_flag() if rank_stop and run.world > 1 else contextlib.nullcontext()
     try:
-        for it, xb, yb, fb, n_masked, tb in stream:
-            with guard():
-                loss, logits, y, lr_used, distill = _step(run, model, it, xb, yb, fb, tb)
-                window.add(loss, logits, y, n_masked, distill)
-                done = it + 1
-                if done % log_every == 0 or done == run.iterations:
-                    rows.append(window.row(done, run.head.lambda_at(done), lr_used))
-                if done % ckpt_every == 0 or done == stop:
-                    _save_checkpoint(run, done, rows, window)
-                    saved = done
-            if stop_flag is not None and run.world > 1 and done % STOP_CHECK == 0 and done < stop:
-                signum = _ranks_stop(run, stop_flag)
-                if signum:
-                    if done > saved:
-                        _save_checkpoint(run, done, rows, window)       # every rank: the window is all-reduced
-                    if run.rank == 0:
-                        log.warning("stopped after iteration %d of %d: checkpoint written, the next run of %s "
-                                    "resumes there", done, run.iterations, run.spec.get("run"))
-                    raise SystemExit(128 + signum)
+        with flags as stop_flag:
+            for it, xb, yb, fb, n_masked, tb in stream:
+                boundary = False
+                with hold(ctrl_c=False) if held and it > start else contextlib.nullcontext():
+                    loss, logits, y, lr_used, distill = _step(run, model, it, xb, yb, fb, tb)
+                    window.add(loss, logits, y, n_masked, distill)
+                    done = it + 1
+                    if done % log_every == 0 or done == run.iterations:
+                        rows.append(window.row(done, run.head.lambda_at(done), lr_used))
+                    if done % ckpt_every == 0 or done == stop:
+                        _save_checkpoint(run, done, rows, window)
+                        saved = done
+                    boundary = True
+                if stop_flag is not None and done % STOP_CHECK == 0 and done < stop:
+                    signum = _ranks_stop(run, stop_flag)
+                    if signum:
+                        if done > saved:
+                            _save_checkpoint(run, done, rows, window)   # every rank: the window is all-reduced
+                        if run.rank == 0:
+                            log.warning("stopped after iteration %d of %d: checkpoint written, the next run of "
+                                        "%s resumes there", done, run.iterations, run.spec.get("run"))
+                        raise SystemExit(128 + signum)
     except SystemExit:
-        if guard is not contextlib.nullcontext and done > saved:
+        if held and boundary and done > saved:
             _save_checkpoint(run, done, rows, window)
             log.warning("stopped after iteration %d of %d: checkpoint written, the next run of %s resumes there",
                         done, run.iterations, run.spec.get("run"))
@@ -681,7 +687,8 @@ def _loop(run: Run, rows: list, start: int, stop: int, window_state: Optional[di
     return done
 
 
-STOP_CHECK = 5       # iterations between two checks of the ranks for a stop signal (one all-reduce of one int)
+STOP_CHECK = 10      # iterations between two checks of the ranks for a stop signal (each: an all-reduce of
+                     # one int and a host sync)
 
 
 def _ranks_stop(run: Run, stop_flag: Mapping[str, Any]) -> int:
@@ -779,19 +786,21 @@ def _finalise(run: Run, rows: list, done: int) -> dict:
 
 
 def train_run(spec: Mapping[str, Any], out_dir: str | os.PathLike, *, stop_after: Optional[int] = None,
-              data: Optional[TrainData] = None, hold=None, stop_flag: Optional[dict] = None) -> dict:
+              data: Optional[TrainData] = None, hold=None, rank_stop: bool = False) -> dict:
     """Train one run (see the module docstring). ``spec``: {"run", "seed", "fold", "exclude_fold", "pairs",
     "sources", "train"}. Writes model.pt, train_log.csv, curve.png (rank 0) unless stopped by ``stop_after``
     (after that many iterations, once the checkpoint is written: the interruption used by the tests).
     ``hold`` (from :func:`_stop_signals`, one process): a SIGTERM or SIGHUP during an iteration lets it finish,
-    writes the checkpoint and then stops the run, so that the next run resumes exactly there. ``stop_flag``
-    (from :func:`_rank_stop_flag`, a rank of a multi-GPU run): the ranks agree every ``STOP_CHECK`` iterations
-    whether any of them was sent SIGTERM or SIGHUP, and if so all stop after the same iteration, checkpointed.
+    writes the checkpoint and then stops the run, so that the next run resumes exactly there. ``rank_stop``
+    (a rank of a multi-GPU run, under torchrun): during the loop the ranks agree every ``STOP_CHECK``
+    iterations whether any of them was sent SIGTERM or SIGHUP (:func:`_rank_stop_flag`), and if so all stop
+    after the same iteration, checkpointed. The first iteration of a run (compilation, autotuning) and the set
+    up before it are not held: a signal there stops the run at once.
     Returns a summary dict."""
     run = _setup(spec, out_dir, data)
     start, rows, window_state = _resume(run)
     stop = run.iterations if stop_after is None else min(run.iterations, int(stop_after))
-    done = _loop(run, rows, start, stop, window_state, hold, stop_flag)
+    done = _loop(run, rows, start, stop, window_state, hold, rank_stop)
     return _finalise(run, rows, done)
 
 
@@ -839,10 +848,10 @@ def _stop_signals():
     Yields ``hold``: a context manager for the few instructions that a signal must not split (a staged folder
     created but not yet recorded, torchrun started but not yet known, a training iteration). A SIGTERM, SIGHUP
     or SIGINT (Ctrl-C; not with ``hold(ctrl_c=False)``) that arrives inside waits for its end and is raised
-    there. Only the main thread can take signals; elsewhere
+    there; when the block ends with an error of its own, that error goes on instead. Only the main thread can take signals; elsewhere
     nothing is installed and ``hold`` does nothing."""
     if threading.current_thread() is not threading.main_thread():
-        yield contextlib.nullcontext
+        yield lambda ctrl_c=True: contextlib.nullcontext()
         return
     state: dict[str, Any] = {"held": 0, "pending": None}
     exiting = [getattr(signal, name) for name in _EXITING if hasattr(signal, name)]
@@ -872,15 +881,20 @@ def _stop_signals():
         if swap:
             signal.signal(signal.SIGINT, _interrupt)
         state["held"] += 1
+        ended = False
         try:
             yield
+            ended = True
         finally:
             state["held"] -= 1
             if swap:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
             if not state["held"] and state["pending"]:
                 signum, state["pending"] = state["pending"], None
-                _raise(signum)
+                if ended:
+                    _raise(signum)
+                # else the body's own error goes on (the step is half done): it stops the job anyway
+                log.warning("stopped by signal %d, during an error that goes first", signum)
 
     before = {}
     for s in exiting:
@@ -945,10 +959,9 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.cmd == "run":
         spec = read_json(a.spec)
-        ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1
         try:
-            with _rank_stop_flag() if ranks else contextlib.nullcontext() as flag:
-                res = train_run(spec, a.out or Path(a.spec).parent, stop_after=a.stop_after, stop_flag=flag)
+            res = train_run(spec, a.out or Path(a.spec).parent, stop_after=a.stop_after,
+                            rank_stop=int(os.environ.get("WORLD_SIZE", "1")) > 1)
         finally:
             if torch.distributed.is_initialized():      # torchrun's ranks: leave the group cleanly
                 torch.distributed.destroy_process_group()
