@@ -346,15 +346,29 @@ def _stop_with_sigterm(job: subprocess.Popen, ready, settle: float = 0.0, wait: 
             job.kill()
 
 
+# launch (the Snakemake job of a run) in a child process: spec JSON path, run folder
+_LAUNCH = ("import json, logging, sys; logging.basicConfig(level=logging.INFO); "
+           "from maskface.train import launch; launch(json.load(open(sys.argv[1])), sys.argv[2])")
+
+
+def _launch_and_stop(spec_path: Path, out: Path, log_line: str) -> tuple[int, str]:
+    """launch in a child, SIGTERM once its log holds ``log_line``; (exit status, its log)."""
+    err_file = out.parent / f"{out.name}.stderr.txt"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    with open(err_file, "w") as err_out:
+        job = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(spec_path), str(out)], stderr=err_out,
+                               text=True, env=env)
+        _stop_with_sigterm(job, lambda: log_line in err_file.read_text())
+    return job.returncode, err_file.read_text()
+
+
 def test_a_job_stopped_by_sigterm_removes_its_staged_copies(syn, tmp_path):
     """scancel and a SLURM time limit send SIGTERM: the job exits (143) through its finally
     blocks, so the copies on the node's disk go with it."""
     local = tmp_path / "local"
     spec = _spec(syn, mask_fraction=0.5, iterations=100000, checkpoint_every=100000, stage=str(local))
     (tmp_path / "spec.json").write_text(json.dumps(spec, default=list))
-    code = ("import json, logging, sys; logging.basicConfig(level=logging.INFO); "
-            "from maskface.train import launch; launch(json.load(open(sys.argv[1])), sys.argv[2])")
-    job = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "spec.json"), str(tmp_path / "run")],
+    job = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(tmp_path / "spec.json"), str(tmp_path / "run")],
                            stderr=subprocess.PIPE, text=True)
     # SIGTERM 3 s after both copies are there: in the training loop
     err = _stop_with_sigterm(job, lambda: bool(list(local.glob("maskface-staged-*/1-*"))), settle=3.0)
@@ -857,15 +871,8 @@ def test_a_job_stopped_by_sigterm_writes_its_checkpoint_and_the_next_run_ends_bi
     train_run(spec, tmp_path / "ref")
     (tmp_path / "spec.json").write_text(json.dumps(spec, default=list))
     run = tmp_path / "run"
-    code = ("import json, logging, sys; logging.basicConfig(level=logging.INFO); "
-            "from maskface.train import launch; launch(json.load(open(sys.argv[1])), sys.argv[2])")
-    err_file = tmp_path / "stderr.txt"
-    with open(err_file, "w") as err_out:
-        job = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "spec.json"), str(run)],
-                               stderr=err_out, text=True)
-        _stop_with_sigterm(job, lambda: "it 20/400" in err_file.read_text())
-    err = err_file.read_text()
-    assert job.returncode == 143, err[-2000:]
+    rc, err = _launch_and_stop(tmp_path / "spec.json", run, "it 20/400")
+    assert rc == 143, err[-2000:]
     m = re.search(r"stopped after iteration (\d+) of 400: checkpoint written", err)
     assert m and "stopped by signal 15" in err, err[-2000:]
     ck = torch.load(run / "checkpoint.pt", weights_only=False)
@@ -887,16 +894,8 @@ def test_a_stopped_multi_gpu_job_checkpoints_every_rank_at_the_same_iteration(sy
         (tmp_path / name).mkdir()
         (tmp_path / name / "spec.json").write_text(json.dumps(spec))
     _torchrun(tmp_path / "uncut" / "spec.json")
-    code = ("import json, logging, sys; logging.basicConfig(level=logging.INFO); "
-            "from maskface.train import launch; launch(json.load(open(sys.argv[1])), sys.argv[2])")
-    err_file = tmp_path / "stderr.txt"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    with open(err_file, "w") as err_out:
-        job = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cut" / "spec.json"), str(tmp_path / "cut")],
-                               stderr=err_out, text=True, env=env)
-        _stop_with_sigterm(job, lambda: "it 20/300" in err_file.read_text())
-    err = err_file.read_text()
-    assert job.returncode == 143, err[-3000:]
+    rc, err = _launch_and_stop(tmp_path / "cut" / "spec.json", tmp_path / "cut", "it 20/300")
+    assert rc == 143, err[-3000:]
     m = re.findall(r"stopped after iteration (\d+) of 300: checkpoint written", err)
     assert len(m) == 1, err[-3000:]                    # rank 0 says it once
     ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)

@@ -809,8 +809,8 @@ def summarize(json_paths: Iterable[str | os.PathLike]) -> str:
         lines.append(f"| {r['model']} | {r['run']} | {r['dataset']} | {r['protocol']} | {r['settings']} | "
                      f"{fmt_pct(r['mean'])} | {fmt_pct(r['std'])} | {r['auc']:.5f} | {fmt_pct(r['tar2'])} | "
                      f"{fmt_pct(r['tar3'])} |")
-    if rows and pd.DataFrame(rows).groupby(["group", "dataset", "protocol", "settings"]).size().max() > 1:
-        df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if rows and df.groupby(["group", "dataset", "protocol", "settings"]).size().max() > 1:
         lines += ["", "## Over repeated runs (mean ± std of the runs' 10-fold means)", "",
                   "| model | dataset | protocol | scoring | runs | accuracy | AUC |", "|---|---|---|---|---:|---:|---:|"]
         for (g, ds, proto, st), sub in df.groupby(["group", "dataset", "protocol", "settings"], sort=True):

@@ -10,7 +10,8 @@ torchrun's ranks cut mid-step. (With proctrack/linuxproc the whole process tree 
 
 :func:`stop_with_job` asks SLURM for the job's state while the run lasts (``squeue`` for this one job, every
 third of KillWait: at least every 15 s, at most once a second) and, once the job is ending (COMPLETING,
-CANCELLED, TIMEOUT, PREEMPTED, ...), sends SIGTERM to this process's main thread, which then stops as on a SIGTERM of its own.
+CANCELLED, TIMEOUT, PREEMPTED, ...), sends SIGTERM to this process's main thread, which then stops as on a
+SIGTERM of its own.
 Outside SLURM, without ``squeue``, or with ``MASKFACE_SLURM_POLL=0`` it does nothing;
 ``MASKFACE_SLURM_POLL=<seconds>`` sets the interval. A failed or unclear ``squeue`` answer never stops a job.
 """

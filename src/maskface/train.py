@@ -848,8 +848,8 @@ def _stop_signals():
     Yields ``hold``: a context manager for the few instructions that a signal must not split (a staged folder
     created but not yet recorded, torchrun started but not yet known, a training iteration). A SIGTERM, SIGHUP
     or SIGINT (Ctrl-C; not with ``hold(ctrl_c=False)``) that arrives inside waits for its end and is raised
-    there; when the block ends with an error of its own, that error goes on instead. Only the main thread can take signals; elsewhere
-    nothing is installed and ``hold`` does nothing."""
+    there; when the block ends with an error of its own, that error goes on instead. Only the main thread can
+    take signals; elsewhere nothing is installed and ``hold`` does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda ctrl_c=True: contextlib.nullcontext()
         return

@@ -137,10 +137,12 @@ start_munge() {
     die "munge does not work 15 s after starting munged"
 }
 
-# A slurm.conf this script did not write means a real SLURM: touch neither it nor its daemons.
+# A slurm.conf (or gres.conf, cgroup.conf: $1) this script did not write means a real SLURM: touch neither it
+# nor its daemons.
 conf_is_ours_or_absent() {
-    if [[ -e $CONF ]] && ! grep -qxF "$MARK" "$CONF"; then
-        impossible "$CONF exists and was not written by this script: refusing to touch a real SLURM setup"
+    local f=${1:-$CONF}
+    if [[ -e $f ]] && ! grep -qxF "$MARK" "$f"; then
+        impossible "$f exists and was not written by this script: refusing to touch a real SLURM setup"
     fi
 }
 
@@ -162,14 +164,10 @@ write_conf() {
     mkdir -p /etc/slurm
     local gres_types="" node_gres="" n=${LOCAL_SLURM_GPUS:-0} i
     rm -rf "$FAKE_GPUS"
-    if [[ -e $GRES_CONF ]] && ! grep -qxF "$MARK" "$GRES_CONF"; then
-        impossible "$GRES_CONF exists and was not written by this script: refusing to touch a real SLURM setup"
-    fi
+    conf_is_ours_or_absent "$GRES_CONF"
     rm -f "$GRES_CONF"
     local proctrack=${LOCAL_SLURM_PROCTRACK:-linuxproc}
-    if [[ -e $CGROUP_CONF ]] && ! grep -qxF "$MARK" "$CGROUP_CONF"; then
-        impossible "$CGROUP_CONF exists and was not written by this script: refusing to touch a real SLURM setup"
-    fi
+    conf_is_ours_or_absent "$CGROUP_CONF"
     if [[ -e $CGROUP_CONF ]]; then remove_cgroups; fi
     rm -f "$CGROUP_CONF"
     case $proctrack in
