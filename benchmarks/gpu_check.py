@@ -45,6 +45,9 @@ sys.path.insert(0, str(REPO / "src"))
 from maskface.fileio import write_json, write_text  # noqa: E402 - after the path set-up
 
 
+BUDGET_S = 480      # the check is sized for 8 minutes on one H100/H200 (a lent GPU's time is short)
+
+
 def step(results: dict, name: str):
     """Decorator: run the step, record its result or its error and its wall time."""
     def wrap(fn):
@@ -67,7 +70,8 @@ def environment() -> dict:
            "devices": [], "python": sys.version.split()[0], "cpus": os.cpu_count()}
     if torch.cuda.is_available():
         out["cudnn"] = torch.backends.cudnn.version()
-        out["bf16_supported"] = torch.cuda.is_bf16_supported()
+        out["bf16_supported"] = torch.cuda.is_bf16_supported(including_emulation=False)   # native, as amp auto
+        out["bf16_emulated"] = torch.cuda.is_bf16_supported() and not out["bf16_supported"]
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             out["devices"].append({"name": p.name, "memory_gib": round(p.total_memory / 2 ** 30, 1),
@@ -80,9 +84,11 @@ def environment() -> dict:
     return out
 
 
-def cuda_tests() -> dict:
+def cuda_tests(lfw: Path) -> dict:
+    """``pytest -m cuda``: each test body that runs on the CPU in the suite, here on the GPU, on ``lfw``."""
     res = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "MASKFACE_LFW": str(lfw)})
     lines = [x for x in res.stdout.strip().splitlines() if x.strip()]
     if res.returncode not in (0, 5):            # 5: no test carries the marker (nothing collected)
         raise RuntimeError(f"pytest -m cuda exited with {res.returncode}: {lines[-1] if lines else ''}\n"
@@ -151,17 +157,26 @@ def bf16_vs_fp32(device: str, dry: bool) -> dict:
             "max_rel_diff": float(rel.max()), "mean_rel_diff": float(rel.mean()), "agree_within_5pct": bool(rel.max() < 0.05)}
 
 
+def lfw_image_ids(lfw: Path, n: int) -> list[str]:
+    """The first ``n`` LFW images in the check's order (people, then files, sorted by name)."""
+    out = []
+    for person in sorted(p for p in (lfw / "images_deepfunneled").iterdir() if p.is_dir()):
+        for f in sorted(person.glob("*.jpg")):
+            out.append(f"{person.name}/{f.name}")
+            if len(out) == n:
+                return out
+    return out
+
+
 def _lfw_images(lfw: Path, n: int) -> list[dict]:
     from PIL import Image
 
     out = []
-    for person in sorted((lfw / "images_deepfunneled").iterdir()):
-        for f in sorted(person.glob("*.jpg")):
-            w, h = Image.open(f).size
-            out.append({"image_id": f"{person.name}/{f.name}", "identity": person.name, "src": str(f), "shard": 0,
-                        "width": w, "height": h})
-            if len(out) == n:
-                return out
+    for iid in lfw_image_ids(lfw, n):
+        f = lfw / "images_deepfunneled" / iid
+        w, h = Image.open(f).size
+        out.append({"image_id": iid, "identity": iid.split("/")[0], "src": str(f), "shard": 0, "width": w,
+                    "height": h})
     return out
 
 
@@ -376,7 +391,9 @@ def ddp(device: str, dry: bool) -> dict:
 
 
 def markdown(res: dict) -> str:
-    lines = ["# GPU check", "", f"mode: {res['mode']}, total {res['total_s']:.0f} s", ""]
+    budget = "" if res["mode"] != "gpu" else (f" (budget {BUDGET_S} s: " + ("kept" if res["total_s"] <= BUDGET_S
+                                                                             else "OVER") + ")")
+    lines = ["# GPU check", "", f"mode: {res['mode']}, total {res['total_s']:.0f} s{budget}", ""]
     env = res.get("environment", {})
     lines += [f"- torch {env.get('torch')}, CUDA {env.get('cuda_build')}, cuDNN {env.get('cudnn')}, driver "
               f"{env.get('driver')}, devices {', '.join(d['name'] for d in env.get('devices', [])) or 'none'}, "
@@ -398,6 +415,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lfw", default=os.environ.get("MASKFACE_LFW", str(REPO.parent / "shared" / "data" / "lfw")))
     ap.add_argument("--n-align", type=int, default=None, help="LFW images to align (default 2000; --dry 12)")
     a = ap.parse_args(argv)
+    # deterministic cuBLAS for the resume step's deterministic runs: read when CUDA makes its first handle
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if "CUDA_VISIBLE_DEVICES" not in os.environ:
         # the check has the whole machine: every GPU stays visible (a stage's own claim of one GPU would leave
         # the 2-rank step below a single device)
@@ -418,7 +437,7 @@ def main(argv=None) -> int:
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
     step(res, "environment")(lambda: environment())
-    step(res, "cuda_tests")(lambda: cuda_tests())
+    step(res, "cuda_tests")(lambda: cuda_tests(Path(a.lfw)))
     step(res, "train_throughput")(lambda: train_throughput(torch.device(device), a.dry))
     step(res, "resume_bit_identical")(lambda: resume_identical(device, a.dry))
     step(res, "bf16_vs_fp32")(lambda: bf16_vs_fp32(device, a.dry))

@@ -7,8 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# deterministic cuBLAS for the CUDA variants of the bit-identical resume tests (read when CUDA makes its first
+# cuBLAS handle, so set before any test runs; unused on the CPU)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def lfw_root() -> Path | None:
@@ -27,6 +31,17 @@ def lfw() -> Path:
         pytest.skip("real LFW not found: set MASKFACE_LFW to the folder holding images_deepfunneled/ and "
                     "pairs.txt (default ../shared/data/lfw beside the repo)")
     return root
+
+
+# The device a test body runs on: "cpu" everywhere, "cuda" where a CUDA device is (benchmarks/gpu_check.py
+# runs `pytest -m cuda`). One body for both, so the CPU run here proves the body that a GPU machine runs.
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="no CUDA device on this machine")])
+
+
+@pytest.fixture(params=["cpu", CUDA])
+def device(request) -> str:
+    return request.param
 
 
 def snakemake_run(workdir: Path, *args: str, check: bool = True, timeout: float = 600,

@@ -419,7 +419,7 @@ def test_masked_probes_are_never_faked(lfw, tmp_path):
 def test_masked_gallery(small_run):
     root, doc, *_ = small_run
     det = D.make_detector(D.DemoConfig(device="cpu"))
-    emb = D.embedder_from_model({"embedder": "dlib-resnet"})
+    emb = D.embedder_from_model({"embedder": "dlib-resnet"}, "cpu")
     clean = D.load_gallery(root / "tv" / "gallery", det, emb)
     masked = D.load_gallery(root / "tv" / "gallery", det, emb, masked=True)
     assert masked.names == clean.names == sorted(doc["known"])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -301,7 +300,7 @@ def test_dlib_worker_processes_give_the_same_features(lfw):
     ids = ["Aaron_Eckhart/Aaron_Eckhart_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0002.jpg",
            "Zico/Zico_0001.jpg", "Zico/Zico_0002.jpg", "Colin_Powell/Colin_Powell_0001.jpg"]
     load = SourceLoader(lfw / "images_deepfunneled", {i: None for i in ids})   # centred fallback boxes
-    emb = make_embedder("dlib-resnet", flip=True)
+    emb = make_embedder("dlib-resnet", flip=True, device="cpu")
     one = embed_all(emb, ids, load, "clean", chunk=2)
     two = embed_all(emb, ids, load, "clean", chunk=2, workers=2)
     assert list(two.image_id) == ids and list(two.face) == ["fallback_center"] * len(ids)
@@ -309,17 +308,28 @@ def test_dlib_worker_processes_give_the_same_features(lfw):
     np.testing.assert_allclose(np.stack(one.feature), np.stack(two.feature), atol=1e-5)
 
 
+AGREE_IDS = ["AJ_Cook/AJ_Cook_0001.jpg", "Ascencion_Barajas/Ascencion_Barajas_0001.jpg",
+             "Carly_Fiorina/Carly_Fiorina_0001.jpg", "Dave_Wannstedt/Dave_Wannstedt_0001.jpg",
+             "Eric_Dubin/Eric_Dubin_0001.jpg", "Gus_Van_Sant/Gus_Van_Sant_0001.jpg",
+             "Janet_Horvath/Janet_Horvath_0001.jpg", "Jon_Corzine/Jon_Corzine_0001.jpg",
+             "Latrell_Sprewell/Latrell_Sprewell_0001.jpg", "Martie_Maguire/Martie_Maguire_0001.jpg",
+             "Nancy_Greenlaw/Nancy_Greenlaw_0001.jpg", "Phoenix_Chang/Phoenix_Chang_0001.jpg"]
+
+
 @pytest.mark.lfw
-def test_torch_module_and_dlib_agree_through_the_embedders(lfw, tmp_path):
-    """The same faces through both embedders (chips, flip, batching): cosine >= 0.9999 each; the network
-    saved as a maskface-embedder checkpoint and loaded back gives the same descriptors."""
+def test_torch_module_and_dlib_agree_through_the_embedders(lfw, tmp_path, device):
+    """The same faces through both embedders (chips, flip, batching), the torch network on ``device``: cosine
+    >= 0.9999 each against dlib on the CPU; the network saved as a maskface-embedder checkpoint and loaded back
+    gives the same descriptors."""
     from maskface.features import SourceLoader, save_dlib_resnet_checkpoint
 
     root = lfw / "images_deepfunneled"
-    people = sorted(os.listdir(root))[::400][:12]
-    ids = [f"{p}/{sorted(os.listdir(root / p))[0]}" for p in people]
+    ids = AGREE_IDS     # every 400th person's first image, named so that a copy of these files is enough
     load = SourceLoader(root, {i: None for i in ids})
-    a = np.stack(embed_all(make_embedder("dlib-resnet", flip=True, batch_size=5), ids, load, "clean").feature)
+    emb = make_embedder("dlib-resnet", flip=True, batch_size=5, device=device)
+    assert emb.describe()["device"] == device and emb.describe()["precision"] == ({} if device == "cpu" else {
+        "conv_tf32": False, "matmul_tf32": False})                  # features in true fp32 on a GPU
+    a = np.stack(embed_all(emb, ids, load, "clean").feature)
     b = np.stack(embed_all(make_embedder("dlib", flip=True), ids, load, "clean").feature)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.9999, cos
@@ -327,20 +337,21 @@ def test_torch_module_and_dlib_agree_through_the_embedders(lfw, tmp_path):
     save_dlib_resnet_checkpoint(ckpt)
     net, meta = load_checkpoint(ckpt)
     assert meta["input"]["kind"] == "source_chip" and meta["input"]["height"] == 150 and meta["feature_dim"] == 128
-    c = np.stack(embed_all(make_embedder("dlib-resnet", flip=True, checkpoint=str(ckpt)), ids, load, "clean").feature)
+    c = np.stack(embed_all(make_embedder("dlib-resnet", flip=True, checkpoint=str(ckpt), device=device), ids, load,
+                           "clean").feature)
     np.testing.assert_allclose(c, a, atol=1e-5)
 
 
 @pytest.mark.lfw
-def test_chips_cut_in_workers_for_a_gpu_give_the_same_features(lfw):
-    """The GPU layout (workers cut the chips, this process runs the network), forced on the CPU: the same
-    features, in the same order, as one process doing both."""
+def test_chips_cut_in_workers_for_a_gpu_give_the_same_features(lfw, device):
+    """The GPU layout (workers cut the chips, this process runs the network on ``device``): the same features,
+    in the same order, as one process doing both."""
     from maskface.features import SourceLoader
 
     ids = ["Aaron_Eckhart/Aaron_Eckhart_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0002.jpg",
            "Zico/Zico_0001.jpg", "Zico/Zico_0002.jpg", "Colin_Powell/Colin_Powell_0001.jpg"]
     load = SourceLoader(lfw / "images_deepfunneled", {i: None for i in ids})
-    emb = make_embedder("dlib-resnet", flip=True, device="cpu", batch_size=3)
+    emb = make_embedder("dlib-resnet", flip=True, device=device, batch_size=3)
     one = embed_all(emb, ids, load, "clean", chunk=2)
     split = embed_all(emb, ids, load, "clean", chunk=2, workers=2, chips_in_workers=True)
     assert list(split.image_id) == ids and list(split.face) == list(one.face)

@@ -33,3 +33,11 @@ def test_unknown_model_key():
         dlib_model_path("nope")
     assert set(DLIB_MODELS) >= {"shape_predictor_68", "face_recognition_resnet"}
     assert issubclass(ResourceNotFound, FileNotFoundError)
+
+
+def test_a_folder_of_model_files_is_used_before_the_package(tmp_path, monkeypatch):
+    """$MASKFACE_DLIB_MODELS: a file found there wins; one not there still comes from the package."""
+    (tmp_path / DLIB_MODELS["shape_predictor_5"]).write_bytes(b"own copy")
+    monkeypatch.setenv("MASKFACE_DLIB_MODELS", str(tmp_path))
+    assert dlib_model_path("shape_predictor_5") == tmp_path / DLIB_MODELS["shape_predictor_5"]
+    assert dlib_model_path("shape_predictor_68").parent.parent.name == "face_recognition_models"

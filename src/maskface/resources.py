@@ -2,10 +2,15 @@
 
 face_recognition_models' ``__init__`` imports ``pkg_resources``, which new setuptools releases no longer
 ship, so the package is never imported: its folder is found with importlib's spec machinery instead.
+
+``$MASKFACE_DLIB_MODELS``, where set, is a folder holding some of dlib's files under their usual names; a file
+found there is used in place of the package's (a machine without the package, e.g. the GPU check's bundle,
+``benchmarks/gpu_bundle.py``).
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 DLIB_MODELS = {
@@ -33,6 +38,9 @@ def dlib_model_path(key: str) -> Path:
     """Path of one of dlib's model files shipped by face-recognition-models (see ``DLIB_MODELS``)."""
     if key not in DLIB_MODELS:
         raise KeyError(f"unknown dlib model {key!r}; known: {sorted(DLIB_MODELS)}")
+    own = os.environ.get("MASKFACE_DLIB_MODELS")
+    if own and (Path(own) / DLIB_MODELS[key]).is_file():
+        return Path(own) / DLIB_MODELS[key]
     path = _package_dir("face_recognition_models") / "models" / DLIB_MODELS[key]
     if not path.is_file():
         raise ResourceNotFound(f"{path} is missing from the face-recognition-models install")
