@@ -8,6 +8,8 @@ import torch
 from maskface import devices
 from maskface.devices import RESERVING_VARIABLES, DeviceError, describe, gpu_reserved, resolve_device
 
+GPU_DEVICE_COUNT = devices.gpu_device_count     # the real one, before the fixture's stand-in
+
 
 @pytest.fixture()
 def no_cuda(monkeypatch):
@@ -133,14 +135,118 @@ def test_jobs_on_a_workstation_claim_different_gpus(tmp_path):
 
 def test_own_claim_is_not_a_gpu_given_by_a_scheduler(no_cuda, monkeypatch, tmp_path):
     """A workstation with two GPUs and a torch that cannot use them: the job's own claim sets
-    CUDA_VISIBLE_DEVICES, which must not turn auto into "this job was given a GPU"."""
+    CUDA_VISIBLE_DEVICES, which must not turn auto into "this job was given a GPU"; the job stops because the
+    machine has GPUs that CUDA cannot use (it used to run on the CPU instead)."""
     monkeypatch.setattr(devices, "gpu_device_count", lambda: 2)
     monkeypatch.setenv("MASKFACE_GPU_LOCKS", str(tmp_path))
     monkeypatch.setattr(devices, "_CLAIMED", [])
     monkeypatch.setattr(devices, "_CLAIMED_IDS", [])
     try:
-        assert resolve_device("auto", "demo.device") == "cpu"
+        with pytest.raises(DeviceError, match=r"demo.device is auto and this machine has 2 NVIDIA GPU\(s\) "
+                                              r"\(CUDA_VISIBLE_DEVICES=0, claimed by this job\)"):
+            resolve_device("auto", "demo.device")
         assert devices._CLAIMED_IDS and gpu_reserved() is None
+    finally:
+        for fh in devices._CLAIMED:
+            fh.close()
+
+
+@pytest.mark.parametrize("files", [1, 2])
+def test_auto_refuses_the_cpu_on_a_workstation_whose_gpus_cuda_cannot_use(no_cuda, monkeypatch, tmp_path, files):
+    """No scheduler, GPU device files, nothing hiding them, and a torch that cannot use CUDA (a driver too old
+    for the wheel): auto stops with the GPUs seen, torch's reason and the way out, where it used to train on
+    the CPU for days. A SLURM job given no GPU, GPUs hidden on purpose and no device files stay on the CPU."""
+    monkeypatch.setattr(devices, "gpu_device_count", GPU_DEVICE_COUNT)
+    monkeypatch.setattr(devices.glob, "glob", lambda pattern: [f"/dev/nvidia{k}" for k in range(files)]
+                        + ["/dev/nvidiactl", "/dev/nvidia-uvm"])
+    monkeypatch.setattr(devices, "_why_no_cuda", lambda: "torch 9.9 (built for CUDA 13.0): driver too old")
+    monkeypatch.setenv("MASKFACE_GPU_LOCKS", str(tmp_path))
+    monkeypatch.setattr(devices, "_CLAIMED", [])
+    monkeypatch.setattr(devices, "_CLAIMED_IDS", [])
+    seen = "CUDA_VISIBLE_DEVICES unset" if files == 1 else "CUDA_VISIBLE_DEVICES=0, claimed by this job"
+
+    def release():                                   # end of a job: its claim and CUDA_VISIBLE_DEVICES go
+        for fh in devices._CLAIMED:
+            fh.close()
+        devices._CLAIMED.clear()
+        devices._CLAIMED_IDS.clear()
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    try:
+        with pytest.raises(DeviceError) as err:
+            resolve_device("auto", "train.device")
+        msg = str(err.value)
+        assert "\n" not in msg
+        assert msg == (f"train.device is auto and this machine has {files} NVIDIA GPU(s) ({seen}), but CUDA cannot "
+                       f"be used: torch 9.9 (built for CUDA 13.0): driver too old. Refusing to run on the CPU "
+                       f"instead; install a torch build for this driver, or set train.device: cpu."), msg
+        assert resolve_device("cpu", "train.device") == "cpu"
+        release()
+        monkeypatch.setenv("SLURM_JOB_ID", "7")      # a SLURM job given no GPU sees the node's device files
+        assert resolve_device("auto", "train.device") == "cpu"
+    finally:
+        release()
+    monkeypatch.delenv("SLURM_JOB_ID")
+    for hidden in ("", "-1"):                        # hidden on purpose by the user
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert resolve_device("auto", "train.device") == "cpu"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(devices.glob, "glob", lambda pattern: [])
+    assert resolve_device("auto", "train.device") == "cpu"
+
+
+def test_a_job_that_needs_every_gpu_claims_them_all(tmp_path):
+    """train.gpus equal to the machine's GPUs: the job claims all of them and stops, with the way out, while
+    another job holds one; a job needing more GPUs than there are claims nothing (require_gpus says so)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in RESERVING_VARIABLES + ("LOCAL_RANK",)}
+    env["MASKFACE_GPU_LOCKS"] = str(tmp_path)
+
+    def start(n):
+        return subprocess.Popen([sys.executable, "-c", _CLAIMER, str(n)], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+
+    a = start(1)
+    assert a.stdout.readline().strip() == "0"
+    b = start(2)                              # overlapped a's GPU before
+    out, _ = b.communicate(timeout=60)
+    assert b.returncode == 3, out
+    assert "needs 2 GPU(s) but GPU(s) 0 of this machine's 2 are claimed by other maskface jobs" in out
+    assert "--resources gpu=2" in out
+    a.communicate(timeout=60)
+    c = start(2)
+    assert c.stdout.readline().strip() == "0,1"
+    d = start(1)                              # c holds both
+    out, _ = d.communicate(timeout=60)
+    assert d.returncode == 3 and "all 2 GPUs of this machine are claimed" in out, out
+    e = start(3)                              # more than the machine has: left to require_gpus
+    assert e.stdout.readline().strip() == "None"
+    for p in (c, e):
+        p.communicate(timeout=60)
+
+
+def test_a_claim_of_every_gpu_then_require_gpus(no_cuda, monkeypatch, tmp_path):
+    """launch's order for train.gpus 2 on a two-GPU workstation: the claim sets CUDA_VISIBLE_DEVICES to both,
+    require_gpus then names them as this machine's GPUs claimed by the job (not as given by a scheduler); a
+    one-GPU machine claims nothing."""
+    import os
+
+    monkeypatch.setattr(devices, "_why_no_cuda", lambda: "torch 9.9 (built for CUDA 13.0): driver too old")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("MASKFACE_GPU_LOCKS", str(tmp_path))
+    monkeypatch.setattr(devices, "_CLAIMED", [])
+    monkeypatch.setattr(devices, "_CLAIMED_IDS", [])
+    monkeypatch.setattr(devices, "gpu_device_count", lambda: 1)
+    assert devices.claim_gpus(1) is None and "CUDA_VISIBLE_DEVICES" not in os.environ
+    monkeypatch.setattr(devices, "gpu_device_count", lambda: 2)
+    try:
+        assert devices.claim_gpus(2) == "0,1" and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+        with pytest.raises(DeviceError, match=r"train.gpus is 2 and this machine has 2 GPU\(s\) \(CUDA_VISIBLE"
+                                              r"_DEVICES=0,1, claimed by this job\), but CUDA finds 0: .*too old"):
+            devices.require_gpus(2, "train.gpus")
     finally:
         for fh in devices._CLAIMED:
             fh.close()
@@ -186,3 +292,56 @@ def test_gpus_hidden_on_purpose_are_not_counted(monkeypatch):
     for hidden in ("", "-1"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
         assert devices.gpu_device_count() == 0
+
+
+def _plugin_requirements():
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    reqs = [Requirement(r) for extra in meta["project"]["optional-dependencies"].values() for r in extra]
+    return [r for r in reqs if r.name == "snakemake-executor-plugin-slurm"]
+
+
+def test_the_slurm_plugin_is_one_that_adds_no_task_per_gpu_by_default():
+    """snakemake-executor-plugin-slurm 1.0 to 2.7.0 add --ntasks-per-gpu to every GPU job unless told not to
+    (1.0 to 1.5: always), which splits a train.gpus: N job into N one-GPU tasks; 2.7.1 adds it only on request."""
+    reqs = _plugin_requirements()
+    assert len(reqs) == 2, reqs               # the test and slurm extras
+    for req in reqs:
+        assert req.specifier.contains("2.7.1") and req.specifier.contains("2.8.0"), req
+        assert not any(req.specifier.contains(v) for v in ("1.0.0", "1.5.0", "1.9.2", "2.7.0")), req
+
+
+def test_the_train_job_tells_the_slurm_plugin_no_task_per_gpu(tmp_path):
+    """The planned train job (train.gpus 2) sets tasks_per_gpu=0, which the plugin from 1.6 on reads as "no
+    --ntasks-per-gpu": one task sees all the run's GPUs and torchrun starts the ranks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from maskface.testing import write_training_workdir
+
+    write_training_workdir(tmp_path, {"folds": [1], "name": "t", "gpus": 2, "threads": 1, "device": "cuda"})
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-s",
+                          str(Path(__file__).resolve().parents[1] / "Snakefile"), "-d", str(tmp_path), "-n",
+                          "--cores", "4", "train_all"], capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    job = out[out.index("rule train:"):]
+    resources = dict(p.split("=", 1) for p in job.split("resources: ")[1].splitlines()[0].split(", "))
+    assert resources.get("tasks_per_gpu") == "0" and resources["gpu"] == "2", resources
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    fake = SimpleNamespace(resources=Resources({k: int(v) if v.isdigit() else v for k, v in resources.items()}),
+                           threads=2, name="train", wildcards={})
+    sbatch = get_submit_command(fake, {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "",
+                                       "partition": "", "workdir": str(tmp_path)})
+    assert "--ntasks-per-gpu" not in sbatch and "--ntasks=" not in sbatch, sbatch

@@ -1,19 +1,23 @@
 """Which device a stage runs on (align, features, train), and the line every job logs about it.
 
-``auto`` means CUDA when torch can use it, else the CPU, except when the job was given a GPU: then a torch
-that cannot use it (a CPU-only build, a driver too old for the wheel's CUDA, a device the job cannot see) is an
-error that says so, not a silent fall-back that trains on the CPU until the job's time limit.
+``auto`` means CUDA when torch can use it, else the CPU, except when the job was given a GPU or, outside
+SLURM, the machine has one that nothing hides: then a torch that cannot use it (a CPU-only build, a driver too
+old for the wheel's CUDA, a device the job cannot see) is an error that says so, not a silent fall-back that
+trains on the CPU until the job's time limit.
 A job was given a GPU when SLURM says so (``SLURM_JOB_GPUS``, ``SLURM_STEP_GPUS``, ``SLURM_GPUS_ON_NODE``) or
-``CUDA_VISIBLE_DEVICES`` names a device (an empty value or ``-1`` hides them all and means the CPU).
+``CUDA_VISIBLE_DEVICES`` names a device (an empty value or ``-1`` hides them all and means the CPU). A SLURM job
+given no GPU sees the node's device files too, and runs on the CPU.
 
 Several GPUs on one workstation: Snakemake's local executor counts the ``gpu`` resource but assigns no device,
 so every job would land on GPU 0. Where neither SLURM nor the user has set ``CUDA_VISIBLE_DEVICES``, a job
 that may use CUDA claims free GPUs itself (:func:`claim_gpus`): an exclusive lock on one file per GPU in
 ``$MASKFACE_GPU_LOCKS`` (default: ``maskface-gpu-locks`` in the system's temporary folder), held until the
 process ends (a crash releases it), and ``CUDA_VISIBLE_DEVICES`` set to the claimed ones before CUDA starts.
+A job that needs every GPU of the machine claims them all, so that it never shares one with another job's
+claim; on a machine with one GPU nothing is claimed (no job has a choice, so none claims).
 The processes of a multi-GPU run (torchrun's ranks, ``LOCAL_RANK`` set) never claim: their parent job claimed
-the run's GPUs, or the run has the whole machine. The lock folder is per user (locks of other users' jobs
-cannot be opened, and their jobs are a scheduler's business).
+the run's GPUs, or the user or a scheduler chose them. The lock folder is per user (locks of other users'
+jobs cannot be opened, and their jobs are a scheduler's business).
 Run with ``--resources gpu=N`` (N = the machine's GPUs) so that Snakemake never starts more GPU jobs than there
 are GPUs; a job that finds every GPU claimed stops with that advice.
 """
@@ -67,14 +71,16 @@ def gpu_device_count() -> int:
 def claim_gpus(n: int = 1) -> Optional[str]:
     """Claim ``n`` free GPUs of this machine for this process and its children (``CUDA_VISIBLE_DEVICES``), unless
     the scheduler or the user has already chosen (:func:`gpu_reserved`, or the variable set at all), this is a
-    rank of a multi-GPU run (``LOCAL_RANK``: its parent claimed), or the machine has at most ``n`` GPUs (nothing
-    to choose). Returns the claimed ids ("1" or "0,2"), or None."""
+    rank of a multi-GPU run (``LOCAL_RANK``: its parent claimed), the machine has fewer than ``n`` GPUs
+    (:func:`require_gpus` says so) or just one (no job has a choice, so none claims). A job that needs all of
+    the machine's GPUs claims them all. Raises :class:`DeviceError` when fewer than ``n`` are free. Returns the
+    claimed ids ("1" or "0,2"), or None."""
     import fcntl
 
     if _CLAIMED or "CUDA_VISIBLE_DEVICES" in os.environ or "LOCAL_RANK" in os.environ or gpu_reserved():
         return None
     total = gpu_device_count()
-    if total <= n:
+    if total < n or total <= 1:
         return None
     folder = lock_folder()
     os.makedirs(folder, exist_ok=True)
@@ -92,11 +98,14 @@ def claim_gpus(n: int = 1) -> Optional[str]:
         if len(got) == n:
             break
     if len(got) < n:
+        free = {k for k, _ in got}
         for _, fh in got:
             fh.close()
-        raise DeviceError(f"this job needs {n} GPU(s) but all {total} GPUs of this machine are claimed by other "
-                          f"maskface jobs (locks in {folder}): run Snakemake with --resources gpu={total} so that it "
-                          f"never starts more GPU jobs than there are GPUs")
+        taken = ",".join(str(k) for k in range(total) if k not in free)
+        which = f"GPU(s) {taken} of this machine's {total} are" if free else f"all {total} GPUs of this machine are"
+        raise DeviceError(f"this job needs {n} GPU(s) but {which} claimed by other maskface jobs (locks in "
+                          f"{folder}): run Snakemake with --resources gpu={total} so that it never starts more GPU "
+                          f"jobs than there are GPUs")
     _CLAIMED.extend(fh for _, fh in got)
     ids = ",".join(str(k) for k, _ in got)
     _CLAIMED_IDS.append(ids)
@@ -127,13 +136,15 @@ def require_gpus(n: int, key: str) -> int:
     if seen >= n:
         return seen
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    own = given is not None and given in _CLAIMED_IDS
     listed = [d for d in (given or "").split(",") if d.strip() and d.strip() not in ("-1", "NoDevFiles")]
-    present = gpu_device_count() if given is None and "SLURM_JOB_ID" not in os.environ else 0
+    present = gpu_device_count() if (given is None or own) and "SLURM_JOB_ID" not in os.environ else 0
     if present >= n:
         # nothing hides them and no scheduler chose (a SLURM job without GPUs sees the device files too)
-        raise DeviceError(f"{key} is {n} and this machine has {present} GPU(s) (CUDA_VISIBLE_DEVICES "
-                          f"unset), but CUDA finds {seen}: {_why_no_cuda()}. Install a torch build for this "
-                          f"driver, or run on the CPU (device: cpu, {key}: 1).")
+        which = f"CUDA_VISIBLE_DEVICES={given}, claimed by this job" if own else "CUDA_VISIBLE_DEVICES unset"
+        raise DeviceError(f"{key} is {n} and this machine has {present} GPU(s) ({which}), but CUDA finds {seen}: "
+                          f"{_why_no_cuda()}. Install a torch build for this driver, or run on the CPU (device: "
+                          f"cpu, {key}: 1).")
     if len(listed) >= n:
         raise DeviceError(f"{key} is {n} and this job was given {len(listed)} GPU(s) (CUDA_VISIBLE_DEVICES={given}), "
                           f"but CUDA finds {seen}: {_why_no_cuda()}. Install a torch build for this driver, or "
@@ -146,8 +157,11 @@ def require_gpus(n: int, key: str) -> int:
 def resolve_device(device: str, key: str, rank: Optional[int] = None) -> str:
     """The one device resolution of every stage: ``cpu`` or ``cuda`` (``cuda:<rank>`` for a rank of a
     multi-GPU run) for a stage's ``device`` setting (``auto``, ``cpu``, ``cuda``); ``key`` names the setting in
-    errors (e.g. ``train.device``). ``auto`` is CUDA when it can be used; when the job was given a GPU and CUDA
-    cannot be used it fails with the reason instead of running on the CPU."""
+    errors (e.g. ``train.device``). ``auto`` is CUDA when it can be used; when the job was given a GPU, or runs
+    outside SLURM on a machine with a GPU that nothing hides (``CUDA_VISIBLE_DEVICES`` unset or set by this
+    job's own claim), and CUDA cannot be used, it fails with the reason instead of running on the CPU. A SLURM
+    job given no GPU, GPUs hidden on purpose (``CUDA_VISIBLE_DEVICES`` empty or -1) and a machine without GPU
+    device files mean the CPU."""
     import torch
 
     if device not in ("auto", "cpu", "cuda"):
@@ -169,6 +183,15 @@ def resolve_device(device: str, key: str, rank: Optional[int] = None) -> str:
         raise DeviceError(f"{key} is auto and this job was given a GPU ({reserved}), but CUDA cannot be used: "
                           f"{_why_no_cuda()}. Refusing to run on the CPU instead; install a torch build for this "
                           f"driver, or set {key}: cpu.")
+    present = gpu_device_count() if "SLURM_JOB_ID" not in os.environ else 0
+    if present:
+        # a workstation's GPU(s), unhidden: not using them is not a choice anyone made
+        claimed = os.environ.get("CUDA_VISIBLE_DEVICES")
+        which = (f"CUDA_VISIBLE_DEVICES={claimed}, claimed by this job" if claimed in _CLAIMED_IDS
+                 else "CUDA_VISIBLE_DEVICES unset")
+        raise DeviceError(f"{key} is auto and this machine has {present} NVIDIA GPU(s) ({which}), but CUDA cannot "
+                          f"be used: {_why_no_cuda()}. Refusing to run on the CPU instead; install a torch build "
+                          f"for this driver, or set {key}: cpu.")
     return "cpu"
 
 

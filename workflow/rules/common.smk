@@ -362,7 +362,9 @@ def _trains_on_cpu():
     here (on a cluster the jobs go to nodes with GPUs)."""
     if TRAIN["device"] != "auto":
         return TRAIN["device"] == "cpu"
-    return workflow.local_exec and gpu_device_count() == 0 and gpu_reserved() is None
+    # a SLURM job given no GPU sees the node's device files, and trains on the CPU (devices.resolve_device)
+    return (workflow.local_exec and (gpu_device_count() == 0 or "SLURM_JOB_ID" in os.environ)
+            and gpu_reserved() is None)
 
 
 _CPU_VERDICT = []

@@ -122,6 +122,9 @@ rule train:
         mem_mb=16384 + 8192 * (TRAIN["gpus"] - 1),
         runtime=24 * 60,
         nodes=1,
+        # one task that sees all the run's GPUs (torchrun starts the ranks): no --ntasks-per-gpu from the SLURM
+        # executor plugin, whose versions 1.6 to 2.7.0 add --ntasks-per-gpu=1 unless this is 0
+        tasks_per_gpu=0,
     script:
         "../scripts/train.py"
 
