@@ -236,6 +236,7 @@ def test_snakemake_demo_calibrates_a_fine_tuned_model_on_its_held_out_people(lfw
     spec = json.loads((tmp_path / "results/demo/testvideo/spec.json").read_text())
     assert set(spec["known"]) | set(spec["unknown"]) <= D.fold_people(parse_pairs(lfw / "pairs.txt"), [1])
     assert json.loads((tmp_path / "results/demo/run/metrics.json").read_text())
+    assert "demo detector: device cpu (" in (tmp_path / "results/logs/demo/run.log").read_text()
 
 
 def test_threshold_from_evaluation_features(tmp_path):

@@ -379,6 +379,8 @@ def test_fine_tune_through_snakemake_on_real_faces(lfw, tmp_path):
         log_text = (res / f"logs/train/{group}-fold1-seed1.log").read_text()
         assert f"staged {n_files} cache file(s)" in log_text and str(tmp_path / "scratch") in log_text, log_text[-2000:]
     assert list((tmp_path / "scratch").iterdir()) == []
+    prefix_logs = list((res / "logs/prefix_cache/tinylfw").glob("*.log"))        # a job that may use a GPU
+    assert prefix_logs and all("device cpu (" in p.read_text() for p in prefix_logs)
     log = pd.read_csv(res / "models/tft-m50-fold1-seed1/train_log.csv")
     assert list(log["iteration"]) == [2, 4] and log["masked_share"].gt(0).all() and log["distill"].gt(0).all()
     assert pd.read_csv(res / "models/tft-m0-fold1-seed1/train_log.csv")["masked_share"].eq(0).all()

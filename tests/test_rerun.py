@@ -121,6 +121,14 @@ def test_complete_run_then_nothing_to_be_done(run):
         assert (work / f).is_file(), f
     doc = json.loads((work / "results/eval/dlib-resnet/tinylfw.json").read_text())
     assert set(doc["protocols"]) == {"clean", "mixed", "masked"}   # dlib's masked variant: the redrawn masks
+    # every job that may run on a GPU names its device (and torch) in its log
+    logs = [work / "results/logs/align/tinylfw/fidelity.log", work / "results/logs/train_fold_eval/tiny-fold1-seed1.log",
+            work / "results/logs/train/tiny-fold1-seed1.log",
+            *(work / "results/logs/align/tinylfw").glob("shard-*.log"),
+            *(work / "results/logs/extract_features").rglob("*.log")]
+    for log in logs:
+        text = log.read_text()
+        assert "device cpu (" in text and "torch " in text, (log, text[-1500:])
     before = _stamp(work)
     again = smk(work)
     assert "Nothing to be done" in again.stdout + again.stderr

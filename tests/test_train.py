@@ -247,15 +247,17 @@ def test_resume_after_sigkill(syn, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_matches_one_process(syn, tmp_path, device):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_torchrun_ddp_matches_one_process(syn, tmp_path, device, compiled):
     """2 processes (gloo on the CPU, NCCL on two GPUs), each half of the global batch: the same weights as one
-    process, up to float summation order."""
+    eager process, up to float summation order; also with ``train.compile`` (the network compiled inside the
+    module that DDP wraps)."""
     if device == "cuda" and torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
     spec = _spec(syn, iterations=4, batch_size=8, mask_fraction=0.5, threads=1, log_every=2, device=device)
     train_run(spec, tmp_path / "one")
     (tmp_path / "ddp").mkdir()
-    (tmp_path / "ddp" / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "ddp" / "spec.json").write_text(json.dumps({**spec, "train": {**spec["train"], "compile": compiled}}))
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "maskface.train", "run", "--spec", str(tmp_path / "ddp" / "spec.json")],
@@ -830,11 +832,12 @@ def test_amp_auto_is_bf16_only_where_the_gpu_computes_it(monkeypatch):
 @pytest.mark.slow
 def test_bf16_training_follows_fp32_with_the_margin_head_in_true_fp32(syn, tmp_path, device, caplog):
     """amp bf16 on ``device``: the loss curve of 12 iterations stays within 5% of the fp32 run's, the job's
-    first log line names the device, torch, AMP and world size, and the margin head's logits are fp32 and
+    first log line and model.pt's provenance name the device, AMP and world size, and the margin head's logits are fp32 and
     equal an fp64 computation from the same features (TF32 in the head's matmul would be off by ~1e-3)."""
     import copy
     import logging
 
+    from maskface.models import load_model
     from maskface.train import _setup
 
     losses = {}
@@ -842,6 +845,11 @@ def test_bf16_training_follows_fp32_with_the_margin_head_in_true_fp32(syn, tmp_p
         with caplog.at_level(logging.INFO, logger="maskface.train"):
             train_run(_spec(syn, amp=amp, device=device, mask_fraction=0.5), tmp_path / amp)
         losses[amp] = pd.read_csv(tmp_path / amp / "train_log.csv")["loss"].to_numpy()
+        trained_on = load_model(tmp_path / amp / "model.pt")[1]["meta"]["trained_on"]      # the provenance
+        assert {k: trained_on[k] for k in ("device", "amp", "world_size")} == {"device": device, "amp": amp,
+                                                                              "world_size": 1}
+        if device == "cuda":
+            assert trained_on["conv_tf32"] is True and trained_on["matmul_tf32"] is False, trained_on
         line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("run t: device"))
         assert f"device {device} (" in line and f"torch {torch.__version__}" in line, line
         assert f"amp {amp}" in line and "world size 1" in line, line

@@ -506,7 +506,9 @@ def redetect_fidelity(crops: Mapping[str, bytes], cfg: AlignConfig, *, pad: int 
     whole face) and measure their mean distance to the template. One row per crop."""
     from .imageio import decode_png
     tpl, _ = TEMPLATES[cfg.template]
-    det = Detector(cfg.min_face_size, cfg.thresholds, cfg.factor, resolve_device(cfg.device, "align.device"))
+    device = resolve_device(cfg.device, "align.device")
+    log.info("fidelity re-detection: %s", describe(device))
+    det = Detector(cfg.min_face_size, cfg.thresholds, cfg.factor, device)
     rows = []
     for image_id, png in crops.items():
         crop = decode_png(png)

@@ -178,11 +178,12 @@ def build_prefix_cache(chips: tuple[str, str], npy_path: str | os.PathLike, inde
     """The frozen part's activations (module docstring) of every chip in ``chips`` (npy, index)."""
     import torch
 
-    from .devices import precision_policy, resolve_device
+    from .devices import describe, precision_policy, resolve_device
 
     torch.set_num_threads(max(1, int(threads)))
     dev = torch.device(resolve_device(device, "train.device"))
     precision_policy(dev)
+    log.info("prefix cache of %s (%d frozen blocks): %s", init, int(frozen_blocks), describe(dev))
     net, _ = load_init(init, str(dev))
     arr, index = open_chips(*chips)
     shape = net.prefix_shape(int(frozen_blocks))

@@ -73,7 +73,7 @@ import pandas as pd
 
 from .align import align_face, select_face
 from .datasets import lfw_people
-from .devices import resolve_device
+from .devices import describe, resolve_device
 from .evaluate import FeatureTable, metrics_markdown, open_set_metrics
 from .features import FaceInput, embedder_from_model   # the demo's embedders are the evaluation's models
 from .fileio import atomic_path, write_json, write_text
@@ -155,7 +155,9 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def make_detector(cfg: DemoConfig) -> Detector:
-    return Detector(cfg.min_face_size, cfg.det_thresholds, cfg.factor, resolve_device(cfg.device, "demo.device"))
+    device = resolve_device(cfg.device, "demo.device")
+    log.info("demo detector: %s", describe(device))
+    return Detector(cfg.min_face_size, cfg.det_thresholds, cfg.factor, device)
 
 
 def face_inputs(embedder, rgb: np.ndarray, boxes: np.ndarray, points: np.ndarray) -> list:

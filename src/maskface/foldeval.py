@@ -12,6 +12,7 @@ fold accuracies, per group of runs (train.mask_fractions).
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping, Optional, Sequence
 
@@ -20,11 +21,13 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .devices import precision_policy, resolve_device
+from .devices import describe, precision_policy, resolve_device
 from .chipcache import CHIP_SHAPE, open_chips, stage_masks
 from .evaluate import ProtocolSettings, pair_scores, roc_summary, verify_10fold
 from .models import load_model, preprocess
 from .train_data import open_cache
+
+log = logging.getLogger("maskface.foldeval")
 
 
 def row_batches(images: np.ndarray, rows: np.ndarray, batch_size: int):
@@ -102,6 +105,7 @@ def evaluate_fold(model_path: str | os.PathLike, pairs: pd.DataFrame, fold: int,
     torch.set_num_threads(max(1, threads))
     dev = torch.device(resolve_device(device, "train.device"))
     precision_policy(dev)                       # evaluation in true fp32
+    log.info("fold %s evaluation: %s", fold, describe(dev))
     if validation is not None:
         pairs = pairs[pairs["fold"].isin([int(fold), int(validation)])].reset_index(drop=True)
     opener = open_chips if np.load(clean[0], mmap_mode="r").shape[1:] == CHIP_SHAPE else open_cache

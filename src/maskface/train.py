@@ -113,7 +113,14 @@ LOG_FIELDS = ("iteration", "loss", "accuracy", "lambda", "lr", "img_s", "masked_
 
 class TrainModule(nn.Module):
     """net + head; the network under autocast, the head in fp32. One module, so DDP sees every parameter.
-    ``center``: the head sees the features less their batch mean (``train.center_features``)."""
+    ``center``: the head sees the features less their batch mean (``train.center_features``).
+
+    ``compile_net`` (``train.compile``) compiles the network alone, inside the module that DDP wraps. PyTorch
+    advises compiling the DDP-wrapped module instead, so that the graph is split at DDP's gradient buckets and
+    their all-reduce overlaps the backward; that would compile the head too, whose margin schedule (lambda)
+    is a new Python number every iteration and would recompile. The cost: the compiled network's gradients
+    reach DDP together at the end of its backward, so their all-reduce follows it (not measured on GPUs);
+    the weights are those of an eager run (tests/test_train.py, 2 ranks compiled)."""
 
     def __init__(self, net: nn.Module, head: MarginHead, amp_dtype: Optional[torch.dtype], compile_net: bool,
                  center: bool = False):
@@ -724,6 +731,18 @@ def _rank_stop_flag():
             signal.signal(s, h)
 
 
+def _trained_on(run: Run) -> dict:
+    """Where the run's last stretch trained (its provenance in model.pt): device, ranks, AMP, torch, and on a
+    GPU its name, CUDA and the TF32 policy in force (devices.precision_policy)."""
+    out = {"device": run.device.type, "world_size": run.world,
+           "amp": "bf16" if run.module.amp_dtype is not None else "none", "torch": str(torch.__version__)}
+    if run.device.type == "cuda":
+        out.update(gpu=torch.cuda.get_device_name(run.device), cuda=torch.version.cuda,
+                   conv_tf32=bool(torch.backends.cudnn.allow_tf32),
+                   matmul_tf32=bool(torch.backends.cuda.matmul.allow_tf32))
+    return out
+
+
 def _model_meta(run: Run, rows: Sequence[Mapping[str, Any]]) -> dict:
     cfg = run.cfg
     meta = {"run": run.spec.get("run"), "protocol": run.spec.get("protocol"), "fold": run.spec.get("fold"),
@@ -733,7 +752,8 @@ def _model_meta(run: Run, rows: Sequence[Mapping[str, Any]]) -> dict:
             "datasets": [s["dataset"] for s in run.spec.get("sources", [])], "spec_digest": run.digest,
             "validation": cfg["validation"], "people_fraction": cfg["people_fraction"],
             "final_loss": rows[-1]["loss"], "final_accuracy": rows[-1]["accuracy"],
-            "training_channel_order": "RGB", "training_normalisation": "(p - 127.5) / 128"}
+            "training_channel_order": "RGB", "training_normalisation": "(p - 127.5) / 128",
+            "trained_on": _trained_on(run)}
     if cfg["init"] is not None:
         meta.update({k: cfg[k] for k in ("init", "frozen_blocks", "lr_mult", "optimizer", "lr_schedule",
                                          "center_features", "head_init", "distill", "mask_variants",
