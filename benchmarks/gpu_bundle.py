@@ -89,6 +89,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"gpu_bundle: no LFW at {lfw} (images_deepfunneled/ and pairs.txt): pass --lfw")
     out = Path(a.out)
     if out.exists():
+        if any(out.iterdir()) and not (out / "wheels").is_dir():
+            raise SystemExit(f"gpu_bundle: {out} exists and is not a bundle: name another --out")
         shutil.rmtree(out)
     (out / "wheels").mkdir(parents=True)
     pins = download_wheels(out / "wheels", a.python_version)

@@ -3,8 +3,10 @@
     python benchmarks/gpu_check.py --out "$OUT"                  # on the GPU machine
     python benchmarks/gpu_check.py --dry --out /tmp/gpu_check     # every step on the CPU at a tiny size
 
-Writes gpu_check.json and gpu_check.md to ``--out``. Each step is measured on its own; a step that fails is
-recorded with its error and the others still run. Steps:
+Writes gpu_check.json and gpu_check.md to ``--out`` after every step (and the CUDA tests' output to
+cuda_tests.log). Each step is measured on its own; a step that fails is recorded with its error and the others
+still run; after ``--deadline`` seconds the rest are recorded as skipped; ``--steps a,b`` runs only those
+(with the alignment the later steps need). Steps:
 
 1. environment: driver, torch, CUDA, cuDNN, device names and count, bf16 support;
 2. the CUDA tests: ``pytest -m cuda`` (skipped without CUDA);
@@ -46,23 +48,55 @@ from maskface.fileio import write_json, write_text  # noqa: E402 - after the pat
 
 
 BUDGET_S = 480      # the check is sized for 8 minutes on one H100/H200 (a lent GPU's time is short)
+STEPS = ("environment", "cuda_tests", "train_throughput", "resume_bit_identical", "bf16_vs_fp32", "alignment",
+         "embedders", "reference_network", "chip_fine_tune", "ddp_2_ranks")
+NEEDS = {"embedders": "alignment", "reference_network": "alignment", "chip_fine_tune": "alignment"}
 
 
-def step(results: dict, name: str):
-    """Decorator: run the step, record its result or its error and its wall time."""
-    def wrap(fn):
+class Check:
+    """Runs the steps in order, each measured on its own: a step that fails is recorded with its error and the
+    others still run; once ``deadline_s`` have passed the remaining steps are recorded as skipped. The JSON and
+    markdown are written after every step, so a run cut short still leaves what it measured."""
+
+    def __init__(self, out: Path, mode: str, device: str, deadline_s: float, only: set):
+        self.out, self.device, self.deadline_s, self.only = out, device, deadline_s, only
+        self.res: dict = {"mode": mode}
+        self.t0 = time.perf_counter()
+
+    def __call__(self, name: str, fn) -> None:
+        if self.only and name not in self.only:
+            return
         t0 = time.perf_counter()
-        try:
-            out = fn()
-            results[name] = {"ok": True, **(out or {})}
-        except Exception as exc:  # noqa: BLE001 - a failed step is a result
-            results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                             "traceback": traceback.format_exc()[-3000:]}
-        results[name]["wall_s"] = round(time.perf_counter() - t0, 1)
-        print(f"[gpu_check] {name}: {'ok' if results[name]['ok'] else 'FAILED ' + results[name]['error']} "
-              f"({results[name]['wall_s']} s)", file=sys.stderr, flush=True)
-        return fn
-    return wrap
+        if t0 - self.t0 > self.deadline_s:
+            self.res[name] = {"ok": False, "skipped": f"the check's deadline ({self.deadline_s:.0f} s) had passed"}
+        else:
+            try:
+                self.res[name] = {"ok": True, **(fn() or {})}
+            except Exception as exc:  # noqa: BLE001 - a failed step is a result
+                self.res[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                                  "traceback": traceback.format_exc()[-3000:]}
+            finally:
+                _reset_process(self.device)
+        r = self.res[name]
+        r["wall_s"] = round(time.perf_counter() - t0, 1)
+        state = "ok" if r["ok"] else ("SKIPPED " + r["skipped"] if "skipped" in r else "FAILED " + r["error"])
+        print(f"[gpu_check] {name}: {state} ({r['wall_s']} s)", file=sys.stderr, flush=True)
+        self.write()
+
+    def write(self) -> None:
+        self.res["total_s"] = time.perf_counter() - self.t0
+        write_json(self.res, self.out / "gpu_check.json")
+        write_text(markdown(self.res), self.out / "gpu_check.md")
+
+
+def _reset_process(device: str) -> None:
+    """What a training step leaves set for the whole process, put back for the next step's timings: deterministic
+    algorithms, 2 threads (train.threads), cuDNN's autotuner off."""
+    torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(os.cpu_count() or 1)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.empty_cache()
 
 
 def environment() -> dict:
@@ -84,15 +118,26 @@ def environment() -> dict:
     return out
 
 
-def cuda_tests(lfw: Path) -> dict:
-    """``pytest -m cuda``: each test body that runs on the CPU in the suite, here on the GPU, on ``lfw``."""
-    res = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300,
+def cuda_tests(lfw: Path, out: Path, gpu: bool) -> dict:
+    """``pytest -m cuda``: each test body that runs on the CPU in the suite, here on the GPU, on ``lfw``; its whole
+    output in ``cuda_tests.log``. On a GPU every test must run: a skip other than the 2-GPU tests' on one GPU
+    (e.g. an LFW file missing from the bundle) fails the step."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", "tests"]
+    try:
+        import pytest_timeout  # noqa: F401 - present: no single test may eat the check's time
+        cmd.insert(3, "--timeout=120")
+    except ImportError:
+        pass
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
                          env={**os.environ, "MASKFACE_LFW": str(lfw)})
+    write_text(res.stdout + res.stderr, out / "cuda_tests.log")
     lines = [x for x in res.stdout.strip().splitlines() if x.strip()]
     if res.returncode not in (0, 5):            # 5: no test carries the marker (nothing collected)
         raise RuntimeError(f"pytest -m cuda exited with {res.returncode}: {lines[-1] if lines else ''}\n"
                            f"{res.stdout[-1500:]}{res.stderr[-500:]}")
+    skips = [x for x in lines if x.startswith("SKIPPED") and "needs 2 GPUs" not in x]
+    if gpu and (skips or res.returncode == 5):
+        raise RuntimeError(f"pytest -m cuda on the GPU skipped tests: {skips[:5] or lines[-1:]}")
     return {"exit_code": res.returncode, "summary": lines[-1] if lines else "", "tail": res.stdout[-1500:]}
 
 
@@ -402,9 +447,10 @@ def markdown(res: dict) -> str:
     for name, r in res.items():
         if not isinstance(r, dict) or "ok" not in r:
             continue
-        body = r.get("error") or json.dumps({k: v for k, v in r.items() if k not in ("ok", "wall_s", "traceback",
+        body = r.get("error") or r.get("skipped") or json.dumps({k: v for k, v in r.items() if k not in ("ok", "wall_s", "traceback",
                                                                                     "tail")}, default=str)[:600]
-        lines.append(f"| {name} | {'yes' if r['ok'] else 'NO'} | {r['wall_s']} | {body.replace('|', '/')} |")
+        ok = "yes" if r["ok"] else ("skipped" if "skipped" in r else "NO")
+        lines.append(f"| {name} | {ok} | {r['wall_s']} | {body.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -414,7 +460,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "results/gpu_check"))
     ap.add_argument("--lfw", default=os.environ.get("MASKFACE_LFW", str(REPO.parent / "shared" / "data" / "lfw")))
     ap.add_argument("--n-align", type=int, default=None, help="LFW images to align (default 2000; --dry 12)")
+    ap.add_argument("--deadline", type=float, default=540.0,
+                    help="seconds after which the remaining steps are skipped (default 540: a 600 s command)")
+    ap.add_argument("--steps", default="", help=f"comma-separated steps to run (default all: {', '.join(STEPS)})")
     a = ap.parse_args(argv)
+    only = {x.strip() for x in a.steps.split(",") if x.strip()}
+    if only - set(STEPS):
+        ap.error(f"unknown step(s) {sorted(only - set(STEPS))}; steps: {', '.join(STEPS)}")
+    only |= {NEEDS[x] for x in only if x in NEEDS} | ({"environment"} if only else set())
     # deterministic cuBLAS for the resume step's deterministic runs: read when CUDA makes its first handle
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if "CUDA_VISIBLE_DEVICES" not in os.environ:
@@ -432,15 +485,14 @@ def main(argv=None) -> int:
     n_align = a.n_align or (12 if a.dry else 2000)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"mode": "dry (CPU, tiny sizes)" if a.dry else "gpu"}
-    t0 = time.perf_counter()
+    step = Check(out, "dry (CPU, tiny sizes)" if a.dry else "gpu", device, a.deadline, only)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
-    step(res, "environment")(lambda: environment())
-    step(res, "cuda_tests")(lambda: cuda_tests(Path(a.lfw)))
-    step(res, "train_throughput")(lambda: train_throughput(torch.device(device), a.dry))
-    step(res, "resume_bit_identical")(lambda: resume_identical(device, a.dry))
-    step(res, "bf16_vs_fp32")(lambda: bf16_vs_fp32(device, a.dry))
+    step("environment", lambda: environment())
+    step("cuda_tests", lambda: cuda_tests(Path(a.lfw), out, not a.dry))
+    step("train_throughput", lambda: train_throughput(torch.device(device), a.dry))
+    step("resume_bit_identical", lambda: resume_identical(device, a.dry))
+    step("bf16_vs_fp32", lambda: bf16_vs_fp32(device, a.dry))
     crops: list = []
 
     def align_step():
@@ -448,16 +500,14 @@ def main(argv=None) -> int:
         crops.extend(recs)
         return r
 
-    step(res, "alignment")(align_step)
-    step(res, "embedders")(lambda: embedders(device, crops[:512], a.dry))
-    step(res, "reference_network")(lambda: reference(device, crops, Path(a.lfw), a.dry))
-    step(res, "chip_fine_tune")(lambda: chip_fine_tune(device, crops, Path(a.lfw), a.dry))
-    step(res, "ddp_2_ranks")(lambda: ddp(device, a.dry))
-    res["total_s"] = time.perf_counter() - t0
-    write_json(res, out / "gpu_check.json")
-    write_text(markdown(res), out / "gpu_check.md")
-    print(markdown(res))
-    return 0 if all(r.get("ok") for r in res.values() if isinstance(r, dict) and "ok" in r) else 1
+    step("alignment", align_step)
+    step("embedders", lambda: embedders(device, crops[:512], a.dry))
+    step("reference_network", lambda: reference(device, crops, Path(a.lfw), a.dry))
+    step("chip_fine_tune", lambda: chip_fine_tune(device, crops, Path(a.lfw), a.dry))
+    step("ddp_2_ranks", lambda: ddp(device, a.dry))
+    step.write()
+    print(markdown(step.res))
+    return 0 if all(r.get("ok") for r in step.res.values() if isinstance(r, dict) and "ok" in r) else 1
 
 
 if __name__ == "__main__":

@@ -179,7 +179,8 @@ def test_auto_refuses_the_cpu_on_a_workstation_whose_gpus_cuda_cannot_use(no_cud
         assert "\n" not in msg
         assert msg == (f"train.device is auto and this machine has {files} NVIDIA GPU(s) ({seen}), but CUDA cannot "
                        f"be used: torch 9.9 (built for CUDA 13.0): driver too old. Refusing to run on the CPU "
-                       f"instead; install a torch build for this driver, or set train.device: cpu."), msg
+                       f"instead; install a torch build for this driver, set train.device: cpu, or export "
+                       f"CUDA_VISIBLE_DEVICES= (empty) for the CPU in every stage."), msg
         assert resolve_device("cpu", "train.device") == "cpu"
         release()
         monkeypatch.setenv("SLURM_JOB_ID", "7")      # a SLURM job given no GPU sees the node's device files

@@ -44,3 +44,5 @@ def test_gpu_check_runs_every_step_from_its_bundle(lfw, tmp_path):
     assert doc["reference_network"]["cpu_vs_dlib"]["min"] >= 0.999
     assert doc["chip_fine_tune"]["images"] >= 10 and min(doc["chip_fine_tune"]["cpu"]["distill"]) > 0
     assert "| resume_bit_identical | yes |" in (out / "gpu_check.md").read_text()
+    assert "deselected" in (out / "cuda_tests.log").read_text()                  # the CUDA tests' whole output
+    assert "[gpu_check] ddp_2_ranks: ok" in (out / "gpu_check.log").read_text()   # the run's own log

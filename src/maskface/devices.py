@@ -191,7 +191,8 @@ def resolve_device(device: str, key: str, rank: Optional[int] = None) -> str:
                  else "CUDA_VISIBLE_DEVICES unset")
         raise DeviceError(f"{key} is auto and this machine has {present} NVIDIA GPU(s) ({which}), but CUDA cannot "
                           f"be used: {_why_no_cuda()}. Refusing to run on the CPU instead; install a torch build "
-                          f"for this driver, or set {key}: cpu.")
+                          f"for this driver, set {key}: cpu, or export CUDA_VISIBLE_DEVICES= (empty) for the CPU "
+                          f"in every stage.")
     return "cpu"
 
 
