@@ -1,7 +1,8 @@
 """The GPU check: one script, about 8 minutes on one H100/H200, for a session that is lent a GPU.
 
-    python benchmarks/gpu_check.py --out "$OUT"                  # on the GPU machine
+    python benchmarks/gpu_check.py --out "$OUT"                  # on a GPU machine with this project installed
     python benchmarks/gpu_check.py --dry --out /tmp/gpu_check     # every step on the CPU at a tiny size
+    bash benchmarks/gpu_check.sh "$OUT"                          # from the bundle (benchmarks/gpu_bundle.py)
 
 Writes gpu_check.json and gpu_check.md to ``--out`` after every step (and the CUDA tests' output to
 cuda_tests.log). Each step is measured on its own; a step that fails is recorded with its error and the others
@@ -22,8 +23,9 @@ still run; after ``--deadline`` seconds the rest are recorded as skipped; ``--st
    chips of step 6's faces: img/s, and on a GPU its loss curve and features against the same run on the CPU;
 10. a 2-rank DDP run (NCCL) when 2 GPUs are visible, else recorded as skipped (``--dry``: gloo on the CPU).
 
-Its data: ``--n-align`` LFW images read from ``--lfw`` (``$MASKFACE_LFW`` or ``../shared/data/lfw``), never
-copied into the repository; synthetic crops for the training steps.
+Its data: ``--n-align`` LFW images read from ``--lfw`` (``$MASKFACE_LFW`` or ``../shared/data/lfw``; for a GPU
+machine without them, the copy in the git-ignored bundle that ``benchmarks/gpu_bundle.py`` writes); synthetic
+crops for the training steps.
 """
 from __future__ import annotations
 
