@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import os
 import re
 import shutil
 import subprocess
@@ -82,8 +83,6 @@ def main(argv=None) -> int:
     ap.add_argument("--python-version", default="3.12", help="the GPU machine's Python (major.minor)")
     ap.add_argument("--max-mib", type=float, default=60.0, help="limit on the working tree plus the bundle")
     a = ap.parse_args(argv)
-    import os
-
     lfw = Path(a.lfw or os.environ.get("MASKFACE_LFW") or REPO.parent / "shared" / "data" / "lfw")
     if not (lfw / "pairs.txt").is_file() or not (lfw / "images_deepfunneled").is_dir():
         raise SystemExit(f"gpu_bundle: no LFW at {lfw} (images_deepfunneled/ and pairs.txt): pass --lfw")

@@ -2,8 +2,15 @@
 fails with the reason instead of training on the CPU."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 from maskface import devices
 from maskface.devices import RESERVING_VARIABLES, DeviceError, describe, gpu_reserved, resolve_device
@@ -103,18 +110,19 @@ sys.stdin.read()                         # hold the claim until the test closes 
 """
 
 
+def _claimer(locks, n: int = 1, **env) -> subprocess.Popen:
+    """A job on a two-GPU workstation claiming ``n`` GPUs (locks in ``locks``), with nothing in its environment
+    that chose the GPUs for it (plus ``env``); it prints the ids and holds them until its stdin is closed."""
+    base = {k: v for k, v in os.environ.items() if k not in RESERVING_VARIABLES + ("LOCAL_RANK",)}
+    return subprocess.Popen([sys.executable, "-c", _CLAIMER, str(n)], env={**base, "MASKFACE_GPU_LOCKS": str(locks),
+                                                                           **env},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
 def test_jobs_on_a_workstation_claim_different_gpus(tmp_path):
     """Concurrent GPU jobs get different GPUs; one too many stops with the way out; an ended job frees its GPU."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in RESERVING_VARIABLES}
-    env["MASKFACE_GPU_LOCKS"] = str(tmp_path)
-
-    def start(n=1):
-        return subprocess.Popen([sys.executable, "-c", _CLAIMER, str(n)], env=env, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
+    def start(**env):
+        return _claimer(tmp_path, **env)
 
     a, b = start(), start()
     ids = {a.stdout.readline().strip(), b.stdout.readline().strip()}
@@ -127,8 +135,7 @@ def test_jobs_on_a_workstation_claim_different_gpus(tmp_path):
     assert d.stdout.readline().strip() in ids
     for p in (b, d):
         p.communicate(timeout=60)
-    env["CUDA_VISIBLE_DEVICES"] = "1"         # chosen by the user or a scheduler: no claim
-    e = start()
+    e = start(CUDA_VISIBLE_DEVICES="1")       # chosen by the user or a scheduler: no claim
     assert e.stdout.readline().strip() == "None"
     e.communicate(timeout=60)
 
@@ -199,16 +206,8 @@ def test_auto_refuses_the_cpu_on_a_workstation_whose_gpus_cuda_cannot_use(no_cud
 def test_a_job_that_needs_every_gpu_claims_them_all(tmp_path):
     """train.gpus equal to the machine's GPUs: the job claims all of them and stops, with the way out, while
     another job holds one; a job needing more GPUs than there are claims nothing (require_gpus says so)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in RESERVING_VARIABLES + ("LOCAL_RANK",)}
-    env["MASKFACE_GPU_LOCKS"] = str(tmp_path)
-
     def start(n):
-        return subprocess.Popen([sys.executable, "-c", _CLAIMER, str(n)], env=env, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
+        return _claimer(tmp_path, n)
 
     a = start(1)
     assert a.stdout.readline().strip() == "0"
@@ -233,8 +232,6 @@ def test_a_claim_of_every_gpu_then_require_gpus(no_cuda, monkeypatch, tmp_path):
     """launch's order for train.gpus 2 on a two-GPU workstation: the claim sets CUDA_VISIBLE_DEVICES to both,
     require_gpus then names them as this machine's GPUs claimed by the job (not as given by a scheduler); a
     one-GPU machine claims nothing."""
-    import os
-
     monkeypatch.setattr(devices, "_why_no_cuda", lambda: "torch 9.9 (built for CUDA 13.0): driver too old")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setenv("MASKFACE_GPU_LOCKS", str(tmp_path))
@@ -260,12 +257,10 @@ def test_ranks_of_a_multi_gpu_run_do_not_claim(no_cuda, monkeypatch, tmp_path):
     monkeypatch.setattr(devices, "_CLAIMED", [])
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert devices.claim_gpus(1) is None
-    assert "CUDA_VISIBLE_DEVICES" not in __import__("os").environ
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
 def test_lock_folder_is_per_user(monkeypatch):
-    import os
-
     monkeypatch.delenv("MASKFACE_GPU_LOCKS", raising=False)
     assert devices.lock_folder().endswith(f"maskface-gpu-locks-{os.getuid()}")
 
@@ -296,11 +291,6 @@ def test_gpus_hidden_on_purpose_are_not_counted(monkeypatch):
 
 
 def _plugin_requirements():
-    import tomllib
-    from pathlib import Path
-
-    from packaging.requirements import Requirement
-
     meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     reqs = [Requirement(r) for extra in meta["project"]["optional-dependencies"].values() for r in extra]
     return [r for r in reqs if r.name == "snakemake-executor-plugin-slurm"]
@@ -314,35 +304,3 @@ def test_the_slurm_plugin_is_one_that_adds_no_task_per_gpu_by_default():
     for req in reqs:
         assert req.specifier.contains("2.7.1") and req.specifier.contains("2.8.0"), req
         assert not any(req.specifier.contains(v) for v in ("1.0.0", "1.5.0", "1.9.2", "2.7.0")), req
-
-
-def test_the_train_job_tells_the_slurm_plugin_no_task_per_gpu(tmp_path):
-    """The planned train job (train.gpus 2) sets tasks_per_gpu=0, which the plugin from 1.6 on reads as "no
-    --ntasks-per-gpu": one task sees all the run's GPUs and torchrun starts the ranks."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    from maskface.testing import write_training_workdir
-
-    write_training_workdir(tmp_path, {"folds": [1], "name": "t", "gpus": 2, "threads": 1, "device": "cuda"})
-    res = subprocess.run([sys.executable, "-m", "snakemake", "-s",
-                          str(Path(__file__).resolve().parents[1] / "Snakefile"), "-d", str(tmp_path), "-n",
-                          "--cores", "4", "train_all"], capture_output=True, text=True, timeout=300)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-3000:]
-    job = out[out.index("rule train:"):]
-    resources = dict(p.split("=", 1) for p in job.split("resources: ")[1].splitlines()[0].split(", "))
-    assert resources.get("tasks_per_gpu") == "0" and resources["gpu"] == "2", resources
-    pytest.importorskip("snakemake_executor_plugin_slurm")
-    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
-
-    class Resources(dict):
-        __getattr__ = dict.__getitem__
-
-    fake = SimpleNamespace(resources=Resources({k: int(v) if v.isdigit() else v for k, v in resources.items()}),
-                           threads=2, name="train", wildcards={})
-    sbatch = get_submit_command(fake, {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "",
-                                       "partition": "", "workdir": str(tmp_path)})
-    assert "--ntasks-per-gpu" not in sbatch and "--ntasks=" not in sbatch, sbatch

@@ -751,6 +751,8 @@ def test_a_multi_gpu_run_becomes_one_slurm_job_of_one_node_one_task_and_n_gpus(t
     class Resources(dict):
         __getattr__ = dict.__getitem__
 
+    # tasks_per_gpu=0: no --ntasks-per-gpu from the plugin's versions 1.6 to 2.7.0 either
+    assert res["tasks_per_gpu"] == 0 and res["gpu"] == 4, res
     fake = SimpleNamespace(resources=Resources(res), threads=threads, name="train", wildcards={})
     sbatch = get_submit_command(fake, {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "",
                                        "partition": "", "workdir": str(tmp_path)}) + set_gres_string(fake)

@@ -136,12 +136,9 @@ def require_gpus(n: int, key: str) -> int:
     if seen >= n:
         return seen
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
-    own = given is not None and given in _CLAIMED_IDS
     listed = [d for d in (given or "").split(",") if d.strip() and d.strip() not in ("-1", "NoDevFiles")]
-    present = gpu_device_count() if (given is None or own) and "SLURM_JOB_ID" not in os.environ else 0
+    present, which = _unhidden_gpus()
     if present >= n:
-        # nothing hides them and no scheduler chose (a SLURM job without GPUs sees the device files too)
-        which = f"CUDA_VISIBLE_DEVICES={given}, claimed by this job" if own else "CUDA_VISIBLE_DEVICES unset"
         raise DeviceError(f"{key} is {n} and this machine has {present} GPU(s) ({which}), but CUDA finds {seen}: "
                           f"{_why_no_cuda()}. Install a torch build for this driver, or run on the CPU (device: "
                           f"cpu, {key}: 1).")
@@ -152,6 +149,18 @@ def require_gpus(n: int, key: str) -> int:
     raise DeviceError(f"{key} is {n} but this job sees {seen} GPU(s) (CUDA_VISIBLE_DEVICES="
                       f"{'unset' if given is None else given}): ask the scheduler for {n} GPUs on one node, or "
                       f"lower {key}")
+
+
+def _unhidden_gpus() -> tuple[int, str]:
+    """(GPUs, how they are seen) of a machine whose GPUs nothing hides and no scheduler chose: outside SLURM (a
+    SLURM job without GPUs sees the node's device files too), ``CUDA_VISIBLE_DEVICES`` unset or this job's own
+    claim; (0, "") otherwise."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    own = given is not None and given in _CLAIMED_IDS
+    if "SLURM_JOB_ID" in os.environ or not (given is None or own):
+        return 0, ""
+    return gpu_device_count(), (f"CUDA_VISIBLE_DEVICES={given}, claimed by this job" if own
+                                else "CUDA_VISIBLE_DEVICES unset")
 
 
 def resolve_device(device: str, key: str, rank: Optional[int] = None) -> str:
@@ -183,12 +192,9 @@ def resolve_device(device: str, key: str, rank: Optional[int] = None) -> str:
         raise DeviceError(f"{key} is auto and this job was given a GPU ({reserved}), but CUDA cannot be used: "
                           f"{_why_no_cuda()}. Refusing to run on the CPU instead; install a torch build for this "
                           f"driver, or set {key}: cpu.")
-    present = gpu_device_count() if "SLURM_JOB_ID" not in os.environ else 0
+    present, which = _unhidden_gpus()
     if present:
         # a workstation's GPU(s), unhidden: not using them is not a choice anyone made
-        claimed = os.environ.get("CUDA_VISIBLE_DEVICES")
-        which = (f"CUDA_VISIBLE_DEVICES={claimed}, claimed by this job" if claimed in _CLAIMED_IDS
-                 else "CUDA_VISIBLE_DEVICES unset")
         raise DeviceError(f"{key} is auto and this machine has {present} NVIDIA GPU(s) ({which}), but CUDA cannot "
                           f"be used: {_why_no_cuda()}. Refusing to run on the CPU instead; install a torch build "
                           f"for this driver, set {key}: cpu, or export CUDA_VISIBLE_DEVICES= (empty) for the CPU "
